@@ -1,0 +1,834 @@
+"""Find which parameters of an arbitrary module are weights of conv/linear-like ops.
+
+Discovery follows each parameter through the model's dataflow (elementwise scaling, reshapes,
+modulation, spectral normalisation) until it reaches an op. A parameter is a *kernel weight* when
+it reaches the weight operand of a convolution (1-3d, transposed), a linear / bilinear layer, or an
+operand of a matrix product (``matmul``/``mm``/``bmm``/``einsum``). What gets masked is always the
+*parameter* (``weight_orig`` under legacy spectral norm, ``parametrizations.weight.original`` under
+parametrizations, the un-modulated kernel of a modulated conv), never the derived per-call tensor.
+
+Three ways to see the dataflow are tried in order (the *cascade*):
+
+1. ``"fx"``: :func:`torch.fx` symbolic tracing, with conv/linear modules and hooked modules as
+   leaves. Needs no example input. When an example input is given, the traced graph is run and
+   compared with the eager model before it is trusted.
+2. ``"export"``: the graph of :func:`torch.export.export` (non-strict). Needs an example input;
+   works on models fx cannot trace (data-dependent Python, iteration over shapes).
+3. ``"runtime"``: a record of one eager forward under a :class:`~torch.overrides.TorchFunctionMode`,
+   following tensor identities. Needs an example input; works on anything that runs.
+
+Every parameter ends up either in :attr:`DiscoveryResult.weights` (with the op, the method that
+found it and the chain of ops in between) or in :attr:`DiscoveryResult.skipped` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import inspect
+import io
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from sparsegan._utils import (
+    as_args,
+    first_batch_size,
+    format_table,
+    named_parameters_with_aliases,
+    outputs_match,
+    preserved_state,
+    unwrap_model,
+)
+
+__all__ = [
+    "WeightRecord",
+    "SkippedParameter",
+    "DiscoveryResult",
+    "DiscoveryError",
+    "ParameterFilter",
+    "discover",
+    "METHODS",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("fx", "export", "runtime")
+"""The discovery methods, in the order the cascade tries them."""
+
+ParameterFilter = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
+"""A glob pattern, a list of glob patterns, or a callable ``(name, parameter) -> bool``."""
+
+
+class DiscoveryError(RuntimeError):
+    """Raised when no discovery method could analyse a model."""
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """One parameter found to be the weight of a conv/linear-like op.
+
+    Attributes:
+        name: The parameter's name in ``module.named_parameters()`` (the canonical name).
+        shape: The parameter's shape.
+        op: The op it feeds: ``"conv2d"``, ``"conv_transpose2d"``, ``"linear"``, ``"matmul"``, ...
+        method: How it was found: ``"fx"``, ``"export"`` or ``"runtime"``.
+        via: The ops between the parameter and the kernel op (e.g. ``("mul", "reshape")``, or
+            ``("spectral_norm",)``); empty when the parameter is used directly.
+        aliases: Other names of the same parameter object (tied weights); they share one mask.
+        macs_per_sample: Dense multiply-accumulates of this weight's op(s) per input sample in
+            one forward pass, when an example input was available; otherwise ``None``.
+        uses: How many kernel ops use the weight in one forward pass (when known).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    op: str
+    method: str
+    via: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    macs_per_sample: int | None = None
+    uses: int = 1
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of the parameter."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SkippedParameter:
+    """A parameter that will not be masked, and why.
+
+    Attributes:
+        name: The parameter's canonical name.
+        shape: The parameter's shape.
+        reason: A short human-readable reason, e.g. ``"bias of conv2d"``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class DiscoveryResult:
+    """What discovery found in one module.
+
+    Attributes:
+        weights: The kernel weights to mask, in ``named_parameters()`` order.
+        skipped: Every other parameter, with the reason it is not masked.
+        method: The method whose result was used (``"fx"``, ``"export"`` or ``"runtime"``).
+        notes: What happened along the cascade (methods that failed and why, verification).
+        model_name: The class name of the analysed module.
+    """
+
+    weights: list[WeightRecord]
+    skipped: list[SkippedParameter]
+    method: str
+    notes: list[str] = field(default_factory=list)
+    model_name: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names of the discovered weights."""
+        return [w.name for w in self.weights]
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __getitem__(self, name: str) -> WeightRecord:
+        for record in self.weights:
+            if record.name == name or name in record.aliases:
+                return record
+        raise KeyError(name)
+
+    def report(self) -> str:
+        """A plain-text table of the weights found and the parameters skipped."""
+        lines = [f"{self.model_name or 'model'}: {len(self.weights)} kernel weights found by {self.method}"]
+        if self.weights:
+            rows = [("name", "shape", "op", "found by", "via")]
+            for w in self.weights:
+                name = w.name + (f" (= {', '.join(w.aliases)})" if w.aliases else "")
+                rows.append((name, "x".join(map(str, w.shape)), w.op, w.method, " > ".join(w.via) or "-"))
+            lines += format_table(rows)
+        return "\n".join(lines + self.skipped_lines())
+
+    def skipped_lines(self) -> list[str]:
+        """Report lines for the skipped parameters and the discovery notes."""
+        lines = []
+        if self.skipped:
+            lines.append(f"not masked ({len(self.skipped)} parameters):")
+            lines += ["  " + row for row in format_table([("name", "shape", "reason")] + [
+                (s.name, "x".join(map(str, s.shape)) or "scalar", s.reason) for s in self.skipped
+            ])]
+        return lines + [f"note: {note}" for note in self.notes]
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+# --------------------------------------------------------------------------------------------
+# Op vocabulary (shared by the three methods)
+# --------------------------------------------------------------------------------------------
+
+_CONV_LIKE = {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "convolution", "conv_tbc",
+}
+_LINEAR_LIKE = {"linear", "bilinear"}
+_MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "addbmm", "tensordot"}
+# Ops whose slot 0 is an additive input (bias), not a product operand.
+_ADD_FIRST = {"addmm", "baddbmm", "addbmm"}
+_WEIGHT_SLOT = {"conv_tbc": 1, "bilinear": 2}
+_CONSUMERS = {
+    "embedding": "embedding table",
+    "embedding_bag": "embedding table",
+    "batch_norm": "normalization affine parameter",
+    "layer_norm": "normalization affine parameter",
+    "group_norm": "normalization affine parameter",
+    "instance_norm": "normalization affine parameter",
+    "rms_norm": "normalization affine parameter",
+    "native_batch_norm": "normalization affine parameter",
+    "native_layer_norm": "normalization affine parameter",
+    "native_group_norm": "normalization affine parameter",
+    "prelu": "activation parameter",
+}
+_NORM_INPUT_PASSES = {
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+    "native_batch_norm", "native_layer_norm", "native_group_norm", "normalize",
+}
+_UNARY_PASS = {
+    "reshape", "view", "view_as", "unsafe_view", "permute", "transpose", "t", "flatten",
+    "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "contiguous", "clone",
+    "to", "to_copy", "type", "float", "half", "bfloat16", "double", "getitem", "select", "narrow",
+    "slice", "chunk", "split", "split_with_sizes", "unbind", "flip", "neg", "alias",
+    "lift_fresh_copy", "movedim", "swapaxes", "mT", "conj", "resolve_conj", "resolve_neg",
+}
+_BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
+_REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
+             "rmatmul": "matmul"}
+
+
+def op_name(target: Any) -> str:
+    """Normalise an fx / aten / torch-function target to a short op name (``"conv2d"``, ``"mul"``)."""
+    if isinstance(target, str):
+        name = target
+    elif isinstance(target, torch._ops.OpOverload):
+        name = target.overloadpacket.__name__
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target.__name__
+    else:
+        name = getattr(target, "__name__", None) or str(target)
+    name = name.strip("_")
+    return _REVERSED.get(name, name)
+
+
+def _kernel_family(op: str) -> str | None:
+    if op in _CONV_LIKE:
+        return "conv"
+    if op in _LINEAR_LIKE:
+        return "linear"
+    if op in _MATMUL_LIKE:
+        return "matmul"
+    return None
+
+
+def _is_weight_slot(op: str, slot: int | str) -> bool:
+    family = _kernel_family(op)
+    if family == "matmul":
+        return not (op in _ADD_FIRST and slot in (0, "input", "self"))
+    if slot == "weight":
+        return True
+    return slot == _WEIGHT_SLOT.get(op, 1)
+
+
+def _kernel_op_label(op: str, weight_ndim: int | None, transposed: bool = False) -> str:
+    if op in ("convolution", "conv_tbc"):
+        nd = (weight_ndim or 4) - 2
+        return f"conv_transpose{nd}d" if transposed else f"conv{nd}d"
+    return op
+
+
+# --------------------------------------------------------------------------------------------
+# Dataflow propagation shared by fx and export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Use:
+    op: str
+    via: tuple[str, ...]
+    macs: int | None = None
+
+
+class _Flow:
+    """Collects, per parameter id, kernel uses and the first non-kernel consumer."""
+
+    def __init__(self) -> None:
+        self.uses: dict[int, list[_Use]] = {}
+        self.reasons: dict[int, str] = {}
+
+    def use(self, pid: int, op: str, via: tuple[str, ...], macs: int | None = None) -> None:
+        self.uses.setdefault(pid, []).append(_Use(op, via, macs))
+
+    def consumed(self, pid: int, reason: str) -> None:
+        self.reasons.setdefault(pid, reason)
+
+
+def _flat_slots(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int | str, Any]]:
+    slots: list[tuple[int | str, Any]] = []
+    for i, arg in enumerate(args):
+        for leaf in pytree.tree_leaves(arg):
+            slots.append((i, leaf))
+    for key, arg in kwargs.items():
+        for leaf in pytree.tree_leaves(arg):
+            slots.append((key, leaf))
+    return slots
+
+
+def _propagate(
+    flow: _Flow,
+    op: str,
+    slots: list[tuple[int | str, Any]],
+    tracked: Callable[[Any], list[tuple[int, tuple[str, ...]]]],
+    numel: Callable[[Any], int | None],
+    weight_ndim: Callable[[Any], int | None],
+    transposed: bool = False,
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Apply one op to the tracking state; return the (param id, via) pairs its output carries."""
+    family = _kernel_family(op)
+    if family is not None:
+        for slot, value in slots:
+            for pid, via in tracked(value):
+                if _is_weight_slot(op, slot):
+                    flow.use(pid, _kernel_op_label(op, weight_ndim(value), transposed), via)
+                elif slot in (2, "bias") and family != "matmul":
+                    flow.consumed(pid, f"bias of {_kernel_op_label(op, None, transposed)}")
+                else:
+                    flow.consumed(pid, f"input of {_kernel_op_label(op, None, transposed)}, not its weight")
+        return []
+    if op in _CONSUMERS or op in _NORM_INPUT_PASSES:
+        out: list[tuple[int, tuple[str, ...]]] = []
+        for slot, value in slots:
+            for pid, via in tracked(value):
+                if slot in (0, "input") and op in _NORM_INPUT_PASSES:
+                    out.append((pid, via + (op,)))
+                else:
+                    flow.consumed(pid, _CONSUMERS.get(op, f"used by {op}"))
+        return out
+    if op in _UNARY_PASS:
+        first = next((v for s, v in slots if s in (0, "input", "self")), None)
+        return [(pid, via + (op,)) for pid, via in tracked(first)] if first is not None else []
+    if op in _BINARY_PASS:
+        sizes = [numel(v) for _, v in slots]
+        known = [s for s in sizes if s is not None]
+        largest = max(known) if known else None
+        out = []
+        for (slot, value), size in zip(slots, sizes):
+            for pid, via in tracked(value):
+                if size is not None and largest is not None and size < largest:
+                    kind = "added to" if op in ("add", "sub") else "scales"
+                    flow.consumed(pid, f"{kind} a larger tensor in {op} (a learned scale, offset or constant)")
+                else:
+                    out.append((pid, via + (op,)))
+        return out
+    for _, value in slots:
+        for pid, _via in tracked(value):
+            flow.consumed(pid, f"used by {op}")
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Module-level knowledge (fx leaves)
+# --------------------------------------------------------------------------------------------
+
+_MODULE_KERNELS: dict[type, str] = {
+    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d", nn.Linear: "linear", nn.Bilinear: "bilinear",
+    nn.modules.linear.NonDynamicallyQuantizableLinear: "linear",
+}
+_MODULE_REASONS: dict[type, str] = {
+    nn.Embedding: "embedding table", nn.EmbeddingBag: "embedding table",
+    nn.PReLU: "activation parameter",
+}
+
+
+def _base_type(module: nn.Module) -> type:
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def _kernel_weight_of(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """The local name of the parameter behind ``module.weight`` and the transforms in between."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        if "original" in plist._parameters:
+            names = tuple(type(p).__name__.lstrip("_").lower() for p in plist)
+            return "parametrizations.weight.original", names
+        return None
+    if "weight_orig" in module._parameters and "weight" not in module._parameters:
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        label = "spectral_norm" if "SpectralNorm" in hooks else "weight hook"
+        return "weight_orig", (label,)
+    if module._parameters.get("weight") is not None:
+        return "weight", ()
+    return None
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                               nn.LocalResponseNorm)) or type(module).__name__.endswith("Norm")
+
+
+def _module_kernels(module: nn.Module) -> dict[int, tuple[str, tuple[str, ...]]]:
+    """``id(param) -> (op, via)`` for the weights of every conv/linear module, by module type."""
+    found: dict[int, tuple[str, tuple[str, ...]]] = {}
+    for sub in module.modules():
+        kernel = _MODULE_KERNELS.get(_base_type(sub))
+        weight = _kernel_weight_of(sub) if kernel is not None else None
+        if weight is not None:
+            found[id(sub.get_parameter(weight[0]))] = (kernel, weight[1])  # type: ignore[assignment]
+    return found
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps kernel modules and hooked modules opaque (their hooks must run)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if _base_type(m) in _MODULE_KERNELS or isinstance(m, nn.MultiheadAttention):
+            return True
+        if module_qualified_name and (m._forward_pre_hooks or m._forward_hooks):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+# --------------------------------------------------------------------------------------------
+# The three methods
+# --------------------------------------------------------------------------------------------
+
+
+def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[_Flow, fx.GraphModule, list[str]]:
+    tracer = _LeafTracer()
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    flow = _Flow()
+    hidden: list[str] = []
+    values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    shapes: dict[str, int] = {}
+
+    def tracked(value: Any) -> list[tuple[int, tuple[str, ...]]]:
+        return values.get(value.name, []) if isinstance(value, fx.Node) else []
+
+    def numel(value: Any) -> int | None:
+        if isinstance(value, fx.Node):
+            return shapes.get(value.name)
+        return 1 if isinstance(value, (int, float)) else None
+
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                obj = module.get_parameter(node.target)
+            except AttributeError:
+                continue
+            values[node.name] = [(id(obj), ())]
+            shapes[node.name] = obj.numel()
+        elif node.op in ("call_function", "call_method"):
+            op = op_name(node.target)
+            out = _propagate(flow, op, _flat_slots(node.args, node.kwargs), tracked, numel, lambda v: None)
+            if out:
+                values[node.name] = out
+        elif node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            for _slot, value in _flat_slots(node.args, node.kwargs):
+                for pid, _via in tracked(value):
+                    flow.consumed(pid, f"input of module {node.target} ({type(sub).__name__})")
+            _leaf_params(flow, sub, node.target, hidden)
+    return flow, gm, hidden
+
+
+def _leaf_params(flow: _Flow, sub: nn.Module, path: str, hidden: list[str]) -> None:
+    """Record what an opaque (leaf) module does with its own parameters."""
+    prefix = path + "." if path else ""
+    kernel = _MODULE_KERNELS.get(_base_type(sub))
+    used: set[int] = set()
+    if isinstance(sub, nn.MultiheadAttention):
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            p = sub._parameters.get(name)
+            if p is not None:
+                flow.use(id(p), "linear", ())
+                used.add(id(p))
+        flow.use(id(sub.out_proj.weight), "linear", ())
+        used.add(id(sub.out_proj.weight))
+    elif kernel is not None:
+        found = _kernel_weight_of(sub)
+        if found is not None:
+            param = sub.get_parameter(found[0])
+            flow.use(id(param), kernel, found[1])
+            used.add(id(param))
+    for name, param in sub.named_parameters():
+        if id(param) in used:
+            continue
+        if type(sub) in _MODULE_REASONS:
+            reason = _MODULE_REASONS[type(sub)]
+        elif _is_norm_module(sub):
+            reason = "normalization affine parameter"
+        elif name.split(".")[-1].startswith("bias"):
+            reason = f"bias of {kernel or type(sub).__name__}"
+        elif kernel is not None:
+            reason = f"extra parameter of {type(sub).__name__}"
+        else:
+            reason = f"inside module {path} ({type(sub).__name__}) that tracing does not look into"
+            hidden.append(prefix + name)
+        flow.consumed(id(param), reason)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch's own logging and warnings while an attempt that may fail runs."""
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Flow:
+    with _quiet_torch():
+        exported = torch.export.export(module, args, kwargs=kwargs or None, strict=False)
+    sig = exported.graph_signature
+    flow = _Flow()
+    values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    for placeholder, fqn in sig.inputs_to_parameters.items():
+        values[placeholder] = [(id(module.get_parameter(fqn)), ())]
+
+    def tracked(value: Any) -> list[tuple[int, tuple[str, ...]]]:
+        return values.get(value.name, []) if isinstance(value, fx.Node) else []
+
+    def meta_shape(value: Any) -> torch.Size | None:
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        return val.shape if isinstance(val, torch.Tensor) else None
+
+    def numel(value: Any) -> int | None:
+        if isinstance(value, fx.Node):
+            shape = meta_shape(value)
+            return math.prod(shape) if shape is not None else None
+        return 1 if isinstance(value, (int, float)) else None
+
+    def weight_ndim(value: Any) -> int | None:
+        shape = meta_shape(value)
+        return len(shape) if shape is not None else None
+
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = op_name(node.target)
+        transposed = op == "convolution" and len(node.args) > 6 and bool(node.args[6])
+        out = _propagate(flow, op, _flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed)
+        if out:
+            values[node.name] = out
+    return flow
+
+
+class _RuntimeRecorder(TorchFunctionMode):
+    """Follows parameters through one eager forward by tensor identity; counts kernel MACs."""
+
+    def __init__(self, params: Mapping[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.flow = _Flow()
+        self.values: dict[int, list[tuple[int, tuple[str, ...]]]] = {pid: [(pid, ())] for pid in params}
+        self.keepalive: list[torch.Tensor] = []
+
+    def _tracked(self, value: Any) -> list[tuple[int, tuple[str, ...]]]:
+        return self.values.get(id(value), []) if isinstance(value, torch.Tensor) else []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out  # e.g. a spectral-norm power iteration: not a trained use of the weight
+        op = op_name(func)
+        slots = _flat_slots(args, kwargs)
+        if not any(self._tracked(v) for _, v in slots):
+            return out
+        transposed = op == "convolution" and len(args) > 6 and bool(args[6])
+
+        def numel(v: Any) -> int | None:
+            if isinstance(v, torch.Tensor):
+                return v.numel()
+            return 1 if isinstance(v, (int, float)) else None
+
+        def weight_ndim(v: Any) -> int | None:
+            return v.dim() if isinstance(v, torch.Tensor) else None
+
+        before = {pid: len(u) for pid, u in self.flow.uses.items()}
+        carried = _propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed)
+        macs = _macs(op, args, kwargs, out, transposed)
+        for pid, uses in self.flow.uses.items():
+            for use in uses[before.get(pid, 0):]:
+                use.macs = macs
+        if carried:
+            for leaf in pytree.tree_leaves(out):
+                if isinstance(leaf, torch.Tensor):
+                    self.values[id(leaf)] = carried
+                    self.keepalive.append(leaf)
+        return out
+
+
+def _macs(op: str, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any, transposed: bool) -> int | None:
+    """Dense multiply-accumulates of one kernel call, from its actual tensors."""
+    family = _kernel_family(op)
+    if family is None or not isinstance(out, torch.Tensor):
+        return None
+    tensors = [v for _, v in _flat_slots(args, kwargs) if isinstance(v, torch.Tensor)]
+    if family == "conv":
+        if len(tensors) < 2:
+            return None
+        x, w = tensors[0], tensors[1]
+        if transposed or op.startswith("conv_transpose"):
+            return x.numel() * w.shape[1] * math.prod(w.shape[2:])
+        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
+    if op == "linear":
+        return out.numel() * tensors[1].shape[-1] if len(tensors) >= 2 else None
+    if op == "bilinear":
+        return out.numel() * tensors[2].shape[1] * tensors[2].shape[2] if len(tensors) >= 3 else None
+    if op in ("matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"):
+        a = tensors[1] if op in _ADD_FIRST else tensors[0]
+        return out.numel() * (a.shape[-1] if a.dim() else 1)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The cascade
+# --------------------------------------------------------------------------------------------
+
+
+def _default_concrete_args(module: nn.Module, n_args: int, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Bind optional ``forward`` arguments that the example does not pass to their defaults."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    concrete: dict[str, Any] = {}
+    positional = [p for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, p in enumerate(positional):
+        if i < n_args or p.name in kwargs or p.default is inspect.Parameter.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            concrete[p.name] = p.default
+    return concrete or None
+
+
+def _matches(name: str, param: torch.Tensor, spec: ParameterFilter) -> bool:
+    if callable(spec):
+        return bool(spec(name, param))
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def discover(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    include: ParameterFilter | None = None,
+    exclude: ParameterFilter | None = None,
+    methods: Iterable[str] = METHODS,
+) -> DiscoveryResult:
+    """Find the kernel weights of ``model``.
+
+    Args:
+        model: Any ``nn.Module`` (DDP / ``torch.compile`` wrappers are looked through).
+        example_inputs: Positional arguments for one forward call (a tensor or a tuple). Needed
+            by the ``"export"`` and ``"runtime"`` methods, and to verify an fx trace and count
+            MACs. Use a small batch (2 is enough).
+        example_kwargs: Keyword arguments for that forward call.
+        include: Only mask discovered weights whose name matches (glob pattern(s) or a callable
+            ``(name, param) -> bool``).
+        exclude: Never mask weights whose name matches.
+        methods: The cascade to try, in order; a subset of ``("fx", "export", "runtime")``.
+
+    Returns:
+        A :class:`DiscoveryResult`; nothing about the model or the global RNG is changed.
+
+    Raises:
+        DiscoveryError: If no method could analyse the model (the message says what each
+            method reported and how to fix it, typically by passing an example input).
+        ValueError: If ``methods`` names an unknown method.
+    """
+    module = unwrap_model(model)
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown discovery method(s) {unknown}; choose from {list(METHODS)}")
+    args = as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    have_example = example_inputs is not None or bool(kwargs)
+    aliases = named_parameters_with_aliases(module)
+    params = {id(p): p for p in module.parameters()}
+    notes: list[str] = []
+
+    reference: dict[str, Any] = {}
+
+    def run_reference() -> dict[str, Any]:
+        if not reference:
+            recorder = _RuntimeRecorder(params)
+            with preserved_state(module):
+                module.eval()
+                with recorder:
+                    output = module(*args, **kwargs)
+            reference.update(flow=recorder.flow, output=output)
+        return reference
+
+    chosen: tuple[str, _Flow] | None = None
+    for method in methods:
+        try:
+            if method == "fx":
+                concrete = _default_concrete_args(module, len(args), kwargs)
+                with preserved_state(module):
+                    flow, gm, hidden = _fx_flow(module, concrete)
+                if have_example:
+                    ref = run_reference()
+                    with preserved_state(module):
+                        module.eval()
+                        gm.eval()
+                        with torch.no_grad():
+                            traced_out = gm(*args, **kwargs)
+                    if not outputs_match(traced_out, ref["output"]):
+                        notes.append("fx: the traced graph's output differs from the eager model's; not trusted")
+                        continue
+                    notes.append("fx: traced graph verified against eager on the example input")
+                else:
+                    notes.append("fx: traced without an example input, so the graph was not verified against eager")
+                if hidden and any(m != "fx" for m in methods) and have_example:
+                    notes.append(f"fx: {len(hidden)} parameters sit inside modules tracing does not enter; trying the next method")
+                    continue
+            elif not have_example:
+                notes.append(f"{method}: needs an example input, none given")
+                continue
+            elif method == "export":
+                with preserved_state(module):
+                    flow = _export_flow(module, args, kwargs)
+            else:
+                flow = run_reference()["flow"]
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the next method runs
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            notes.append(f"{method}: {type(exc).__name__}: {message[:300]}")
+            logger.debug("discovery method %s failed on %s", method, type(module).__name__, exc_info=True)
+            continue
+        chosen = (method, flow)
+        break
+
+    if chosen is None:
+        hint = ("" if have_example else
+                " Pass an example input (example_inputs=...) so that torch.export or the runtime "
+                "record can analyse the model.")
+        raise DiscoveryError(
+            f"could not find the weights of {type(module).__name__}: "
+            + "; ".join(notes) + "." + hint
+        )
+
+    method, flow = chosen
+    macs_flow = reference.get("flow") if have_example else None
+    weights, skipped = _records(module, aliases, params, flow, method, macs_flow,
+                                first_batch_size(args) if have_example else 1)
+    weights, skipped = _apply_filters(weights, skipped, params, aliases, include, exclude)
+    result = DiscoveryResult(weights, skipped, method, notes, type(module).__name__)
+    logger.info("discovered %d kernel weights in %s with %s", len(weights), result.model_name, method)
+    return result
+
+
+def _records(
+    module: nn.Module,
+    aliases: Mapping[int, list[str]],
+    params: Mapping[int, torch.Tensor],
+    flow: _Flow,
+    method: str,
+    macs_flow: _Flow | None,
+    batch: int,
+) -> tuple[list[WeightRecord], list[SkippedParameter]]:
+    weights: list[WeightRecord] = []
+    skipped: list[SkippedParameter] = []
+    by_module_type = _module_kernels(module)
+    for pid, names in aliases.items():
+        param = params[pid]
+        shape = tuple(param.shape)
+        uses = flow.uses.get(pid, [])
+        # A conv/linear use outranks a matmul use (e.g. a spectral-norm power iteration).
+        primary = [u for u in uses if not _is_matmul_label(u.op)] or uses
+        if not primary and pid in by_module_type:
+            # Not reached on the example input (a data-dependent branch), but a conv/linear
+            # module's weight by construction.
+            op, via = by_module_type[pid]
+            primary = [_Use(op, via)]
+            method_used = f"{method}+module type"
+        else:
+            method_used = method
+        if not primary:
+            skipped.append(SkippedParameter(names[0], shape, flow.reasons.get(pid, "not used in the forward pass")))
+            continue
+        if param.dim() < 2:
+            skipped.append(SkippedParameter(names[0], shape, f"{param.dim()}-D parameter used by {primary[0].op}"))
+            continue
+        macs: int | None = None
+        if macs_flow is not None:
+            rt_uses = [u for u in macs_flow.uses.get(pid, []) if _is_matmul_label(u.op) == _is_matmul_label(primary[0].op)]
+            if rt_uses and all(u.macs is not None for u in rt_uses):
+                macs = sum(int(u.macs) for u in rt_uses) // max(batch, 1)  # type: ignore[misc]
+        weights.append(WeightRecord(
+            name=names[0], shape=shape, op=primary[0].op, method=method_used, via=primary[0].via,
+            aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary),
+        ))
+    return weights, skipped
+
+
+def _is_matmul_label(op: str) -> bool:
+    return op in _MATMUL_LIKE
+
+
+def _apply_filters(
+    weights: list[WeightRecord],
+    skipped: list[SkippedParameter],
+    params: Mapping[int, torch.Tensor],
+    aliases: Mapping[int, list[str]],
+    include: ParameterFilter | None,
+    exclude: ParameterFilter | None,
+) -> tuple[list[WeightRecord], list[SkippedParameter]]:
+    if include is None and exclude is None:
+        return weights, skipped
+    by_name = {names[0]: params[pid] for pid, names in aliases.items()}
+    kept: list[WeightRecord] = []
+    for record in weights:
+        names = (record.name,) + record.aliases
+        param = by_name[record.name]
+        if include is not None and not any(_matches(n, param, include) for n in names):
+            skipped.append(SkippedParameter(record.name, record.shape, "not matched by include="))
+        elif exclude is not None and any(_matches(n, param, exclude) for n in names):
+            skipped.append(SkippedParameter(record.name, record.shape, "excluded by exclude="))
+        else:
+            kept.append(record)
+    if include is not None and not callable(include):
+        patterns = [include] if isinstance(include, str) else list(include)
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for r in weights for n in (r.name,) + r.aliases):
+                logger.warning("include pattern %r matches no discovered kernel weight", pattern)
+    return kept, skipped

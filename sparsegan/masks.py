@@ -1,0 +1,201 @@
+"""Masks of one network: bool masks over its kernel weights, enforced in place.
+
+Enforcement multiplies every masked parameter by its mask with one fused
+``torch._foreach_mul_`` call. Parameters are masked in place, so the forward pass computes with
+zeros and ``param.grad`` is the dense gradient (what gradient-based regrowth needs). Masks are
+``torch.bool`` (one byte per weight).
+
+Optimizer state policy (``optimizer_state=``):
+
+* ``"reset"`` (default): whenever a position is pruned or regrown, every optimizer state tensor
+  shaped like the parameter (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``, ...)
+  is zeroed there, so a regrown weight starts from zero with fresh statistics.
+* ``"keep"``: optimizer state is never touched (regrown weights inherit the moments the dense
+  gradient accumulated while they were inactive).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["MaskedWeights", "OptimizerStatePolicy", "MaskStateError"]
+
+logger = logging.getLogger(__name__)
+
+OptimizerStatePolicy = Literal["reset", "keep"]
+"""What happens to optimizer state at pruned and regrown positions."""
+
+
+class MaskStateError(ValueError):
+    """A mask state (from ``load_state_dict`` or a strategy) does not fit the network's weights."""
+
+
+class MaskedWeights:
+    """The masked kernel weights of one network.
+
+    Args:
+        names: Canonical parameter names, one per weight.
+        params: The parameters, in the same order.
+        masks: Initial bool masks (same shapes); all-True when omitted.
+        optimizer_state: The optimizer state policy (see the module docs).
+
+    Raises:
+        MaskStateError: If the numbers or shapes do not match.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        masks: Sequence[torch.Tensor] | None = None,
+        *,
+        optimizer_state: OptimizerStatePolicy = "reset",
+    ) -> None:
+        if len(names) != len(params):
+            raise MaskStateError(f"{len(names)} names for {len(params)} parameters")
+        if optimizer_state not in ("reset", "keep"):
+            raise ValueError(f"optimizer_state must be 'reset' or 'keep', got {optimizer_state!r}")
+        self.names: list[str] = list(names)
+        self.params: list[nn.Parameter] = list(params)
+        self.optimizer_state: OptimizerStatePolicy = optimizer_state
+        self.masks: list[torch.Tensor] = (
+            [torch.ones_like(p, dtype=torch.bool) for p in self.params] if masks is None
+            else self._checked(masks)
+        )
+        self._versions: list[int] = [-1] * len(self.params)
+
+    # ------------------------------------------------------------------ enforcement
+
+    def apply_(self) -> None:
+        """Zero every inactive weight in place (one fused multiply) and remember the versions."""
+        if not self.params:
+            return
+        with torch.no_grad():
+            try:
+                torch._foreach_mul_(self.params, self.masks)
+            except RuntimeError:
+                # The module was moved to another device or dtype after wrapping.
+                self.masks = [m.to(p.device) for m, p in zip(self.masks, self.params)]
+                torch._foreach_mul_(self.params, self.masks)
+        self._versions = [p._version for p in self.params]
+
+    def stale(self) -> bool:
+        """Whether a masked parameter changed since the last :meth:`apply_` (e.g. a weight load)."""
+        return any(p._version != v for p, v in zip(self.params, self._versions))
+
+    def apply_if_stale_(self) -> bool:
+        """Apply the masks when a parameter changed since the last enforcement; return whether it did."""
+        if self.stale():
+            self.apply_()
+            return True
+        return False
+
+    # ------------------------------------------------------------------ counts
+
+    def active_counts(self) -> list[int]:
+        """Active (True) entries per weight."""
+        return [int(m.sum()) for m in self.masks]
+
+    @property
+    def total(self) -> int:
+        """Number of maskable entries over all weights."""
+        return sum(m.numel() for m in self.masks)
+
+    def density(self) -> float:
+        """Active fraction over all weights (1.0 when there are none)."""
+        total = self.total
+        return sum(self.active_counts()) / total if total else 1.0
+
+    def layer_densities(self) -> dict[str, float]:
+        """Active fraction per weight name."""
+        return {n: c / m.numel() for n, c, m in zip(self.names, self.active_counts(), self.masks)}
+
+    # ------------------------------------------------------------------ changes
+
+    def set_masks(self, masks: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer] = ()) -> list[torch.Tensor]:
+        """Replace the masks, zero newly inactive weights, and apply the optimizer state policy.
+
+        Newly active (regrown) positions keep their current value, which is 0 because inactive
+        weights are kept at 0.
+
+        Args:
+            masks: New bool masks, one per weight.
+            optimizers: Optimizers whose state to clean at changed positions.
+
+        Returns:
+            The changed positions per weight (``old != new``).
+        """
+        new = self._checked(masks)
+        changed = [old ^ m for old, m in zip(self.masks, new)]
+        self.masks = new
+        self.apply_()
+        if self.optimizer_state == "reset":
+            for optimizer in optimizers:
+                self.reset_optimizer_state(optimizer, changed)
+        return changed
+
+    def reset_optimizer_state(self, optimizer: torch.optim.Optimizer, positions: Sequence[torch.Tensor] | None = None) -> None:
+        """Zero the optimizer state tensors shaped like each parameter at ``positions``.
+
+        Args:
+            optimizer: The optimizer holding (some of) these parameters.
+            positions: Bool tensors per weight; the inactive positions when omitted.
+        """
+        if positions is None:
+            positions = [~m for m in self.masks]
+        with torch.no_grad():
+            for param, where in zip(self.params, positions):
+                state = optimizer.state.get(param)
+                if not state:
+                    continue
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.masked_fill_(where.to(value.device), 0)
+
+    def _checked(self, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(masks) != len(self.params):
+            raise MaskStateError(f"got {len(masks)} masks for {len(self.params)} weights")
+        out = []
+        for name, mask, param in zip(self.names, masks, self.params):
+            if tuple(mask.shape) != tuple(param.shape):
+                raise MaskStateError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)}, but the parameter has shape "
+                    f"{tuple(param.shape)}; was the checkpoint made for a different model?"
+                )
+            if mask.dtype != torch.bool:
+                raise MaskStateError(f"mask for {name!r} has dtype {mask.dtype}; masks must be torch.bool")
+            out.append(mask.to(param.device))
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The masks by parameter name (bool tensors on the CPU)."""
+        return {n: m.detach().cpu().clone() for n, m in zip(self.names, self.masks)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load masks saved by :meth:`state_dict` and enforce them.
+
+        Raises:
+            MaskStateError: If names are missing or extra, or shapes or dtypes differ.
+        """
+        missing = [n for n in self.names if n not in state]
+        extra = [n for n in state if n not in self.names]
+        if missing or extra:
+            raise MaskStateError(
+                f"mask names do not match this network: missing {missing}, unexpected {extra}; "
+                "was the checkpoint made for a different model or with different include/exclude?"
+            )
+        self.masks = self._checked([state[n] for n in self.names])
+        self.apply_()
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __repr__(self) -> str:
+        return f"MaskedWeights({len(self)} weights, density={self.density():.4f}, optimizer_state={self.optimizer_state!r})"

@@ -1,0 +1,171 @@
+"""Base classes of the strategies and their name registry.
+
+Two levels, kept apart so that each stays small:
+
+* a :class:`SparsityAlgorithm` decides how the masks of **one** network are initialised and when
+  and how they change (static masks, dynamic sparse training, ...);
+* a :class:`Strategy` is what users pick: it builds one algorithm per network (or ``None`` for a
+  dense network). ``Static(g_density=0.1, d_density=0.2)`` builds two static algorithms.
+
+Strategies are registered by name so that configs can say ``"static"`` or ``"dst"``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from sparsegan.distributions import allocate, random_mask
+from sparsegan.masks import MaskedWeights
+
+__all__ = [
+    "NETWORKS",
+    "SparsityAlgorithm",
+    "Strategy",
+    "STRATEGIES",
+    "register_strategy",
+    "create",
+    "check_density",
+]
+
+logger = logging.getLogger(__name__)
+
+NETWORKS: tuple[str, str] = ("generator", "discriminator")
+"""The two networks of a GAN, in the order strategies and the wrapper use them."""
+
+Distribution = str | Mapping[str, float] | Callable[[str, tuple[int, ...]], float]
+
+
+def check_density(value: float, what: str = "density") -> float:
+    """Validate a density in (0, 1] and return it as a float.
+
+    Raises:
+        ValueError: naming the bad value and the valid range.
+    """
+    try:
+        density = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < density <= 1.0:
+        raise ValueError(
+            f"{what} must be in (0, 1] (the fraction of weights kept active), got {value!r}; "
+            "for 90% sparsity use 0.1"
+        )
+    return density
+
+
+class SparsityAlgorithm(abc.ABC):
+    """How the masks of one network are initialised and updated.
+
+    Args:
+        density: Target fraction of the network's maskable weights that are active, in (0, 1].
+        distribution: How the density is spread over layers: ``"erk"`` (default), ``"er"``,
+            ``"uniform"``, a ``{name: density}`` map, or a callable ``(name, shape) -> density``.
+    """
+
+    def __init__(self, density: float, distribution: Distribution = "erk") -> None:
+        self.density = check_density(density)
+        self.distribution = distribution
+
+    def initial_masks(self, shapes: Mapping[str, Sequence[int]], *, generator: torch.Generator) -> list[torch.Tensor]:
+        """Random masks with exact per-layer active counts from the distribution.
+
+        Args:
+            shapes: Weight name to shape, in the network's order.
+            generator: The network's random generator (CPU).
+
+        Returns:
+            One bool mask per weight, on the CPU.
+        """
+        counts = allocate(shapes, self.density, self.distribution)
+        return [random_mask(shape, counts[name], generator=generator) for name, shape in shapes.items()]
+
+    def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
+               generator: torch.Generator) -> bool:
+        """Called after every optimizer step of the network; change masks if due.
+
+        Args:
+            step: Optimizer steps of this network so far (1 after the first).
+            weights: The network's masked weights (change them with ``weights.set_masks``).
+            optimizer: The network's optimizer (grads and state are still in place).
+            generator: The network's random generator.
+
+        Returns:
+            Whether the masks changed.
+        """
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that changes during training (none for most algorithms)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def _config(self) -> str:
+        dist = self.distribution if isinstance(self.distribution, str) else "custom"
+        return f"density={self.density}, distribution={dist!r}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._config()})"
+
+
+class Strategy(abc.ABC):
+    """A user-facing sparse training strategy: one algorithm per network.
+
+    Subclasses set :attr:`name` and implement :meth:`build`.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def build(self) -> dict[str, SparsityAlgorithm | None]:
+        """Fresh per-network algorithms: ``{"generator": ..., "discriminator": ...}`` (None = dense)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+S = TypeVar("S", bound=type[Strategy])
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+"""Registered strategies by lower-case name."""
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator registering a :class:`Strategy` under ``name`` (case-insensitive)."""
+
+    def decorator(cls: S) -> S:
+        key = name.lower()
+        if key in STRATEGIES and STRATEGIES[key] is not cls:
+            raise ValueError(f"a strategy named {name!r} is already registered ({STRATEGIES[key].__name__})")
+        STRATEGIES[key] = cls
+        cls.name = key
+        return cls
+
+    return decorator
+
+
+def create(name: str, **kwargs: Any) -> Strategy:
+    """Build a registered strategy by name, e.g. ``create("static", g_density=0.1, d_density=0.2)``.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the known ones).
+        TypeError: When required arguments are missing (the message shows the signature).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"strategy name must be a string, got {type(name).__name__}")
+    cls = STRATEGIES.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {sorted(STRATEGIES)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        import inspect
+
+        raise TypeError(f"strategy {name!r} takes {cls.__name__}{inspect.signature(cls)}: {exc}") from None

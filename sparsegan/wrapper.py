@@ -1,0 +1,359 @@
+"""``SparseGANWrapper``: sparse training of a GAN through PyTorch hooks, with no change to the loop.
+
+The wrapper wires the parts together and owns every hook:
+
+* discovery (:mod:`sparsegan.discovery`) finds each network's kernel weights;
+* the strategy builds one :class:`~sparsegan.strategies.SparsityAlgorithm` per network, which
+  draws the initial masks and decides on updates;
+* :class:`~sparsegan.masks.MaskedWeights` enforces the masks in place;
+* an optimizer step post-hook per network enforces the masks after every ``optimizer.step()``,
+  counts the network's steps and runs due mask updates; a forward pre-hook re-enforces the masks
+  when a masked parameter changed outside the optimizer (e.g. ``load_state_dict``).
+
+Every hook returns a handle; :meth:`SparseGANWrapper.remove` removes them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
+
+from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model
+from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
+from sparsegan.masks import MaskedWeights, MaskStateError, OptimizerStatePolicy
+from sparsegan.strategies import NETWORKS, SparsityAlgorithm, Strategy, create
+
+__all__ = ["SparseGANWrapper", "WrapperStateError"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+_ALIASES = {"generator": "generator", "g": "generator", "discriminator": "discriminator", "d": "discriminator"}
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+class WrapperStateError(ValueError):
+    """A state dict that does not belong to this wrapper's models or strategy."""
+
+
+@dataclass
+class _Network:
+    """Everything the wrapper keeps about one network."""
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    discovery: DiscoveryResult
+    algorithm: SparsityAlgorithm | None
+    weights: MaskedWeights
+    generator: torch.Generator
+    steps: int = 0
+    mask_updates: int = 0
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def density(self) -> float:
+        return self.weights.density() if self.algorithm is not None else 1.0
+
+
+def _per_network(value: Any, network: str) -> Any:
+    if isinstance(value, Mapping) and set(value) <= set(NETWORKS):
+        return value.get(network)
+    return value
+
+
+class SparseGANWrapper:
+    """Sparse training of a generator and a discriminator, hooked into their optimizers.
+
+    Wrapping finds the kernel weights of both networks, draws masks from the strategy, zeroes
+    the inactive weights, and registers hooks so that the user's own training loop runs
+    unchanged::
+
+        sg = sparsegan.SparseGANWrapper(G, D, g_opt, d_opt,
+                                        strategy=sparsegan.strategies.Static(0.1, 0.2))
+        # ... the usual loop: d_opt.step(), g_opt.step(), ...
+
+    Args:
+        generator: The generator (any ``nn.Module``; DDP / ``torch.compile`` wrappers allowed).
+        discriminator: The discriminator.
+        g_optimizer: The optimizer of the generator's parameters.
+        d_optimizer: The optimizer of the discriminator's parameters.
+        strategy: A :class:`~sparsegan.strategies.Strategy` or a registered name (``"dense"``).
+        seed: Seed of the per-network random generators (initial masks, random growth). The
+            global RNG is never used.
+        latent: Optional callable ``n -> G input`` (a tensor or a tuple of G's arguments), used
+            to build example inputs for discovery.
+        g_example_inputs: Example positional input(s) of G for discovery (default: ``latent(2)``).
+        d_example_inputs: Example input(s) of D (default: G's output on the G example).
+        include: Only mask discovered weights matching this glob / list / callable; or a dict
+            ``{"generator": ..., "discriminator": ...}``.
+        exclude: Never mask discovered weights matching this (same forms as ``include``).
+        optimizer_state: ``"reset"`` (zero optimizer state at pruned/regrown positions) or
+            ``"keep"``.
+        discovery_methods: The discovery cascade (default ``("fx", "export", "runtime")``).
+
+    Raises:
+        TypeError: If a model or optimizer has the wrong type.
+        ValueError: If the optimizers are the same object, an optimizer does not hold its
+            network's masked weights, a sparse network has no maskable weights, or a module is
+            already wrapped.
+        DiscoveryError: If a network cannot be analysed (the message says how to fix it).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        d_optimizer: torch.optim.Optimizer,
+        strategy: Strategy | str,
+        *,
+        seed: int = 0,
+        latent: Callable[[int], Any] | None = None,
+        g_example_inputs: Any = None,
+        d_example_inputs: Any = None,
+        include: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
+        exclude: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
+        optimizer_state: OptimizerStatePolicy = "reset",
+        discovery_methods: tuple[str, ...] = METHODS,
+    ) -> None:
+        self.strategy: Strategy = create(strategy) if isinstance(strategy, str) else strategy
+        if not isinstance(self.strategy, Strategy):
+            raise TypeError(f"strategy must be a sparsegan.strategies.Strategy or a name, got {type(strategy).__name__}")
+        modules = {"generator": unwrap_model(generator), "discriminator": unwrap_model(discriminator)}
+        optimizers = {"generator": g_optimizer, "discriminator": d_optimizer}
+        for net in NETWORKS:
+            if not isinstance(optimizers[net], torch.optim.Optimizer):
+                raise TypeError(f"{net[0]}_optimizer must be a torch.optim.Optimizer, got {type(optimizers[net]).__name__}")
+            if modules[net] in _WRAPPED:
+                raise ValueError(
+                    f"the {net} is already wrapped by another SparseGANWrapper; call .remove() on "
+                    "that wrapper first (wrapping twice would enforce two sets of masks)"
+                )
+        if g_optimizer is d_optimizer:
+            raise ValueError("g_optimizer and d_optimizer are the same object; GAN training needs one optimizer per network")
+        if modules["generator"] is modules["discriminator"]:
+            raise ValueError("generator and discriminator are the same module")
+        self.seed = int(seed)
+        examples = self._examples(modules["generator"], latent, g_example_inputs, d_example_inputs)
+        algorithms = self.strategy.build()
+        self._networks: dict[str, _Network] = {}
+        for index, net in enumerate(NETWORKS):
+            self._networks[net] = self._build_network(
+                net, modules[net], optimizers[net], algorithms[net], examples[net],
+                _per_network(include, net), _per_network(exclude, net), optimizer_state,
+                discovery_methods, self.seed + index,
+            )
+        for net in self._networks.values():
+            self._register_hooks(net)
+            _WRAPPED[net.module] = net.name
+        logger.info("wrapped: %s", self)
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _examples(g_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
+                  d_example: Any) -> dict[str, Any]:
+        if g_example is None and latent is not None:
+            g_example = latent(2)
+        if d_example is None and g_example is not None:
+            with preserved_state(g_module), torch.no_grad():
+                out = g_module(*as_args(g_example))
+            d_example = out if isinstance(out, torch.Tensor) else next(
+                (x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)), None)
+        return {"generator": g_example, "discriminator": d_example}
+
+    def _build_network(
+        self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer,
+        algorithm: SparsityAlgorithm | None, example: Any, include: Any, exclude: Any,
+        optimizer_state: OptimizerStatePolicy, methods: tuple[str, ...], seed: int,
+    ) -> _Network:
+        try:
+            found = discover(module, example, include=include, exclude=exclude, methods=methods)
+        except DiscoveryError as exc:
+            keyword = "g_example_inputs" if name == "generator" else "d_example_inputs"
+            raise DiscoveryError(
+                f"{name}: {exc} With SparseGANWrapper, pass {keyword}=... or latent=lambda n: ... "
+                "(a function returning a batch of the generator's input)."
+            ) from None
+        params = {n: p for n, p in module.named_parameters()}
+        weights = MaskedWeights(found.names, [params[n] for n in found.names], optimizer_state=optimizer_state)
+        rng = torch.Generator().manual_seed(seed)
+        if algorithm is not None:
+            if not found.weights:
+                reasons = "; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:8]) or "it has no parameters"
+                raise ValueError(
+                    f"the {name} ({type(module).__name__}) has no maskable weights (conv/linear kernels) "
+                    f"to make sparse [{reasons}]. Check that you passed the right module, or use "
+                    "strategies.Dense() / density 1.0 for this network."
+                )
+            self._check_optimizer(name, optimizer, weights)
+            shapes = {n: tuple(p.shape) for n, p in zip(weights.names, weights.params)}
+            weights.masks = weights._checked(algorithm.initial_masks(shapes, generator=rng))
+            weights.apply_()
+            weights.reset_optimizer_state(optimizer)
+        return _Network(name, module, optimizer, found, algorithm, weights, rng)
+
+    @staticmethod
+    def _check_optimizer(name: str, optimizer: torch.optim.Optimizer, weights: MaskedWeights) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in zip(weights.names, weights.params) if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"{name[0]}_optimizer does not hold {len(missing)} of the {name}'s masked weights "
+                f"(e.g. {missing[:3]}); build it from {name}.parameters() of the same module you pass "
+                "to SparseGANWrapper (did you swap g_optimizer and d_optimizer?)"
+            )
+
+    def _register_hooks(self, net: _Network) -> None:
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self._after_step(net)
+
+        net.handles.append(net.optimizer.register_step_post_hook(after_step))
+        if net.algorithm is not None:
+            weights = net.weights
+
+            def before_forward(module: nn.Module, args: Any) -> None:
+                weights.apply_if_stale_()
+
+            net.handles.append(net.module.register_forward_pre_hook(before_forward))
+
+    def _after_step(self, net: _Network) -> None:
+        net.steps += 1
+        if net.algorithm is None:
+            return
+        net.weights.apply_()
+        if net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator):
+            net.mask_updates += 1
+
+    # ------------------------------------------------------------------ public API
+
+    def _net(self, network: str) -> _Network:
+        key = _ALIASES.get(str(network).lower())
+        if key is None:
+            raise ValueError(f"network must be 'generator' or 'discriminator' (or 'G'/'D'), got {network!r}")
+        return self._networks[key]
+
+    def density(self, network: str) -> float:
+        """Fraction of the network's maskable weights that are active (1.0 for a dense network)."""
+        return self._net(network).density()
+
+    def masks(self, network: str) -> dict[str, torch.Tensor]:
+        """Copies of the network's bool masks by parameter name (empty for a dense network)."""
+        net = self._net(network)
+        if net.algorithm is None:
+            return {}
+        return {n: m.clone() for n, m in zip(net.weights.names, net.weights.masks)}
+
+    def steps(self, network: str) -> int:
+        """Optimizer steps the network has taken since wrapping (or as restored by loading)."""
+        return self._net(network).steps
+
+    def discovery(self, network: str) -> DiscoveryResult:
+        """What discovery found in the network."""
+        return self._net(network).discovery
+
+    def algorithm(self, network: str) -> SparsityAlgorithm | None:
+        """The network's sparsity algorithm (``None`` when it is dense)."""
+        return self._net(network).algorithm
+
+    def apply_masks(self) -> None:
+        """Enforce both networks' masks now (done automatically after every optimizer step)."""
+        for net in self._networks.values():
+            if net.algorithm is not None:
+                net.weights.apply_()
+
+    def report(self) -> str:
+        """A per-layer table of both networks: what was found, how, and how dense it is."""
+        blocks = [f"SparseGANWrapper with {self.strategy!r}"]
+        for net in self._networks.values():
+            found = net.discovery
+            w = net.weights
+            active = w.active_counts() if net.algorithm is not None else [m.numel() for m in w.masks]
+            total = w.total
+            blocks.append(
+                f"\n{net.name} ({type(net.module).__name__}): {len(w)} kernel weights found by "
+                f"{found.method}; density {net.density():.4f} ({sum(active)}/{total} active); "
+                f"{net.algorithm!r}"
+            )
+            rows = [("name", "shape", "op", "found by", "via", "density", "active")]
+            for rec, count in zip(found.weights, active):
+                name = rec.name + (f" (= {', '.join(rec.aliases)})" if rec.aliases else "")
+                rows.append((name, "x".join(map(str, rec.shape)), rec.op, rec.method,
+                             " > ".join(rec.via) or "-", f"{count / rec.numel:.4f}", f"{count}/{rec.numel}"))
+            blocks.append("\n".join(format_table(rows)))
+            blocks += found.skipped_lines()
+        return "\n".join(blocks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, step counters, algorithm state and RNG states of both networks.
+
+        The models' own ``state_dict`` keys are untouched; save this next to them.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "strategy": type(self.strategy).__name__,
+            "networks": {
+                net.name: {
+                    "masks": net.weights.state_dict() if net.algorithm is not None else {},
+                    "steps": net.steps,
+                    "mask_updates": net.mask_updates,
+                    "rng": net.generator.get_state(),
+                    "algorithm": net.algorithm.state_dict() if net.algorithm is not None else {},
+                }
+                for net in self._networks.values()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output and enforce the masks.
+
+        To resume bit-identically: build the models and optimizers, wrap them, then load the
+        models', the optimizers' and this state dict (in any order), and continue the loop.
+
+        Raises:
+            WrapperStateError: If the state comes from another strategy or model.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT or "networks" not in state:
+            raise WrapperStateError("not a SparseGANWrapper state dict (expected the output of sg.state_dict())")
+        if state["strategy"] != type(self.strategy).__name__:
+            raise WrapperStateError(
+                f"state dict was saved with strategy {state['strategy']}, this wrapper uses "
+                f"{type(self.strategy).__name__}; wrap with the same strategy to resume"
+            )
+        for net in self._networks.values():
+            saved = state["networks"].get(net.name)
+            if saved is None:
+                raise WrapperStateError(f"state dict has no entry for the {net.name}")
+            if net.algorithm is not None:
+                try:
+                    net.weights.load_state_dict(saved["masks"])
+                except MaskStateError as exc:
+                    raise WrapperStateError(f"{net.name}: {exc}") from None
+                net.algorithm.load_state_dict(saved["algorithm"])
+            net.steps = int(saved["steps"])
+            net.mask_updates = int(saved.get("mask_updates", 0))
+            net.generator.set_state(saved["rng"])
+
+    def remove(self) -> None:
+        """Remove every hook. Weights stay as they are (inactive ones remain 0)."""
+        for net in self._networks.values():
+            for handle in net.handles:
+                handle.remove()
+            net.handles.clear()
+            if _WRAPPED.get(net.module) == net.name:
+                del _WRAPPED[net.module]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{n.name}={type(n.module).__name__}(density={n.density():.4f}, weights={len(n.weights)})"
+            for n in self._networks.values()
+        )
+        return f"SparseGANWrapper(strategy={self.strategy!r}, {parts})"
