@@ -214,6 +214,10 @@ _UNARY_PASS = {
     "slice", "chunk", "split", "split_with_sizes", "unbind", "flip", "neg", "alias",
     "lift_fresh_copy", "movedim", "swapaxes", "mT", "conj", "resolve_conj", "resolve_neg",
 }
+_SIZE_PRESERVING = {
+    "reshape", "view", "view_as", "permute", "transpose", "t", "flatten", "unflatten",
+    "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "double", "neg", "movedim",
+}
 _BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
 _REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
              "rmatmul": "matmul"}
@@ -447,9 +451,17 @@ def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[_
             shapes[node.name] = obj.numel()
         elif node.op in ("call_function", "call_method"):
             op = op_name(node.target)
-            out = _propagate(flow, op, _flat_slots(node.args, node.kwargs), tracked, numel, lambda v: None)
+            slots = _flat_slots(node.args, node.kwargs)
+            out = _propagate(flow, op, slots, tracked, numel, lambda v: None)
             if out:
                 values[node.name] = out
+            # Without shapes, carry parameter sizes through size-preserving ops so that a small
+            # learned gain can still be told from the kernel it scales.
+            sizes = [numel(v) for _, v in slots if isinstance(v, fx.Node)]
+            if op in _BINARY_PASS and any(s is not None for s in sizes):
+                shapes[node.name] = max(s for s in sizes if s is not None)
+            elif op in _SIZE_PRESERVING and sizes and sizes[0] is not None:
+                shapes[node.name] = sizes[0]
         elif node.op == "call_module":
             sub = module.get_submodule(node.target)
             for _slot, value in _flat_slots(node.args, node.kwargs):
@@ -748,7 +760,7 @@ def discover(
         )
 
     method, flow = chosen
-    macs_flow = reference.get("flow") if have_example else None
+    macs_flow = run_reference()["flow"] if have_example else None
     weights, skipped = _records(module, aliases, params, flow, method, macs_flow,
                                 first_batch_size(args) if have_example else 1)
     weights, skipped = _apply_filters(weights, skipped, params, aliases, include, exclude)
@@ -775,7 +787,7 @@ def _records(
         uses = flow.uses.get(pid, [])
         # A conv/linear use outranks a matmul use (e.g. a spectral-norm power iteration).
         primary = [u for u in uses if not _is_matmul_label(u.op)] or uses
-        if not primary and pid in by_module_type:
+        if not primary and method != "fx" and pid in by_module_type:
             # Not reached on the example input (a data-dependent branch), but a conv/linear
             # module's weight by construction.
             op, via = by_module_type[pid]

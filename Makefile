@@ -1,0 +1,27 @@
+# Everything runs in a project-local virtualenv that the targets create and fill themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision wheels that lie on this machine's disk (see DEVELOPERS.md).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test docs bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test,demo,docs]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/quickstart.py
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+docs: $(BIN)/.installed
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) site build *.egg-info

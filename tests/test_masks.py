@@ -1,0 +1,103 @@
+"""MaskedWeights: in-place enforcement, staleness, optimizer-state hygiene, state dicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsegan.masks import MaskedWeights, MaskStateError
+
+
+def _weights(policy: str = "reset") -> tuple[MaskedWeights, nn.Parameter, nn.Parameter]:
+    a = nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, -4.0]]))
+    b = nn.Parameter(torch.tensor([5.0, 6.0, 7.0]))
+    masks = [torch.tensor([[True, False], [False, True]]), torch.tensor([False, True, True])]
+    return MaskedWeights(["a", "b"], [a, b], masks, optimizer_state=policy), a, b
+
+
+def test_apply_zeroes_exactly_the_inactive_entries() -> None:
+    weights, a, b = _weights()
+    weights.apply_()
+    assert torch.equal(a.detach(), torch.tensor([[1.0, 0.0], [0.0, -4.0]]))
+    assert torch.equal(b.detach(), torch.tensor([0.0, 6.0, 7.0]))
+    assert weights.active_counts() == [2, 2]
+    assert weights.density() == pytest.approx(4 / 7)
+    assert weights.layer_densities() == {"a": 0.5, "b": pytest.approx(2 / 3)}
+    assert all(m.dtype == torch.bool and m.element_size() == 1 for m in weights.masks)
+
+
+def test_staleness_follows_in_place_changes() -> None:
+    weights, a, _ = _weights()
+    weights.apply_()
+    assert not weights.stale()
+    with torch.no_grad():
+        a.copy_(torch.ones(2, 2))  # e.g. model.load_state_dict
+    assert weights.stale()
+    assert weights.apply_if_stale_()
+    assert torch.equal(a.detach(), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert not weights.apply_if_stale_()
+
+
+def _adam_with_state(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    opt = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt
+
+
+def test_set_masks_resets_optimizer_state_at_changed_positions() -> None:
+    weights, a, b = _weights("reset")
+    weights.apply_()
+    opt = _adam_with_state([a, b])
+    # prune a[1,1], grow a[0,1]; b unchanged
+    new = [torch.tensor([[True, True], [False, False]]), weights.masks[1].clone()]
+    changed = weights.set_masks(new, [opt])
+    assert torch.equal(changed[0], torch.tensor([[False, True], [False, True]]))
+    assert not changed[1].any()
+    exp_avg = opt.state[a]["exp_avg"]
+    assert exp_avg[0, 1] == 0 and exp_avg[1, 1] == 0
+    assert exp_avg[0, 0] != 0 and exp_avg[1, 0] != 0  # untouched positions keep their moments
+    assert opt.state[a]["exp_avg_sq"][1, 1] == 0
+    assert (opt.state[b]["exp_avg"] != 0).all()
+    assert opt.state[a]["step"].item() == 1  # scalar state is left alone
+    assert a[1, 1] == 0  # pruned weight zeroed
+
+
+def test_keep_policy_leaves_optimizer_state() -> None:
+    weights, a, b = _weights("keep")
+    opt = _adam_with_state([a, b])
+    weights.set_masks([torch.ones(2, 2, dtype=torch.bool), weights.masks[1]], [opt])
+    assert (opt.state[a]["exp_avg"] != 0).all()
+
+
+def test_reset_optimizer_state_defaults_to_inactive_positions() -> None:
+    weights, a, b = _weights()
+    opt = _adam_with_state([a, b])
+    weights.reset_optimizer_state(opt)
+    assert torch.equal(opt.state[b]["exp_avg"] != 0, weights.masks[1])
+
+
+def test_state_dict_round_trip_and_errors() -> None:
+    weights, a, b = _weights()
+    state = weights.state_dict()
+    other, a2, _ = _weights()
+    other.masks = [torch.ones_like(m) for m in other.masks]
+    other.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(other.masks, weights.masks))
+    assert a2[0, 1] == 0  # enforced on load
+    with pytest.raises(MaskStateError, match="missing"):
+        other.load_state_dict({"a": state["a"]})
+    with pytest.raises(MaskStateError, match="shape"):
+        other.load_state_dict({"a": torch.ones(3, 3, dtype=torch.bool), "b": state["b"]})
+    with pytest.raises(MaskStateError, match="bool"):
+        other.load_state_dict({"a": state["a"].float(), "b": state["b"]})
+
+
+def test_bad_construction() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(MaskStateError):
+        MaskedWeights(["a", "b"], [p])
+    with pytest.raises(ValueError, match="optimizer_state"):
+        MaskedWeights(["a"], [p], optimizer_state="zero")  # type: ignore[arg-type]
