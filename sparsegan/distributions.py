@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 __all__ = [
+    "check_density",
     "DISTRIBUTIONS",
     "DistributionFn",
     "active_counts",
@@ -56,7 +57,7 @@ DistributionFn = Callable[[Mapping[str, tuple[int, ...]], float, float], dict[st
 _SNAP_TOL = 1e-9
 
 
-def _check_density(density: float, what: str = "density") -> float:
+def check_density(density: float, what: str = "density") -> float:
     """Validates that ``density`` is a real number in ``(0, 1]``.
 
     Args:
@@ -74,7 +75,10 @@ def _check_density(density: float, what: str = "density") -> float:
         raise TypeError(f"{what} must be a float in (0, 1], got {type(density).__name__}")
     value = float(density)
     if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{what} must be in (0, 1], got {density!r}")
+        raise ValueError(
+            f"{what} must be in (0, 1] (the fraction of weights kept active), got {density!r}; "
+            "for 90% sparsity use 0.1"
+        )
     return value
 
 
@@ -250,7 +254,7 @@ def layer_densities(
             a shape with fewer than two dimensions, the distribution name is
             unknown, or a custom density is missing, extra, or out of range.
     """
-    density = _check_density(density)
+    density = check_density(density)
     norm = _normalize_shapes(shapes)
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
         raise ValueError(f"power must be a finite number, got {power!r}")
@@ -276,12 +280,12 @@ def layer_densities(
                 f"missing: {missing}, unknown: {extra}"
             )
         return {
-            name: _check_density(distribution[name], f"density of layer {name!r}") for name in norm
+            name: check_density(distribution[name], f"density of layer {name!r}") for name in norm
         }
 
     if callable(distribution):
         return {
-            name: _check_density(distribution(name, shape), f"density of layer {name!r}")
+            name: check_density(distribution(name, shape), f"density of layer {name!r}")
             for name, shape in norm.items()
         }
 
@@ -380,7 +384,7 @@ def active_counts(
             f"unknown: {extra}"
         )
     numel = [math.prod(norm[name]) for name in names]
-    dens = [_check_density(densities[name], f"density of layer {name!r}") for name in names]
+    dens = [check_density(densities[name], f"density of layer {name!r}") for name in names]
     exact = [_snap(d * n) for d, n in zip(dens, numel, strict=True)]
     if total is None:
         target = round(_snap(math.fsum(exact)))

@@ -206,10 +206,17 @@ def test_strategy_by_name() -> None:
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan"), "half"])
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
 def test_density_outside_range(density) -> None:
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\].*for 90% sparsity use 0.1"):
         Static(density, 0.5)
+    with pytest.raises(ValueError, match=r"d_density must be in \(0, 1\]"):
+        Static(0.5, density)
+
+
+def test_density_of_the_wrong_type() -> None:
+    with pytest.raises(TypeError, match="g_density must be a float"):
+        Static("half", 0.5)  # type: ignore[arg-type]
 
 
 def test_unknown_strategy_name() -> None:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from sparsegan.distributions import allocate, random_mask
+from sparsegan.distributions import allocate, check_density, random_mask
 from sparsegan.masks import MaskedWeights
 
 __all__ = [
@@ -38,24 +38,6 @@ NETWORKS: tuple[str, str] = ("generator", "discriminator")
 """The two networks of a GAN, in the order strategies and the wrapper use them."""
 
 Distribution = str | Mapping[str, float] | Callable[[str, tuple[int, ...]], float]
-
-
-def check_density(value: float, what: str = "density") -> float:
-    """Validate a density in (0, 1] and return it as a float.
-
-    Raises:
-        ValueError: naming the bad value and the valid range.
-    """
-    try:
-        density = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}") from None
-    if not 0.0 < density <= 1.0:
-        raise ValueError(
-            f"{what} must be in (0, 1] (the fraction of weights kept active), got {value!r}; "
-            "for 90% sparsity use 0.1"
-        )
-    return density
 
 
 class SparsityAlgorithm(abc.ABC):
