@@ -198,7 +198,8 @@ class SparseGANWrapper:
             shapes = {n: tuple(p.shape) for n, p in zip(weights.names, weights.params)}
             weights.masks = weights._checked(algorithm.initial_masks(shapes, generator=rng))
             weights.apply_()
-            weights.reset_optimizer_state(optimizer)
+            if optimizer_state == "reset":
+                weights.reset_optimizer_state(optimizer)
         return _Network(name, module, optimizer, found, algorithm, weights, rng)
 
     @staticmethod
