@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model
+from sparsegan.balance import BalanceProbe, BalanceRatio
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
 from sparsegan.masks import MaskedWeights, MaskStateError, OptimizerStatePolicy
 from sparsegan.strategies import NETWORKS, SparsityAlgorithm, Strategy, create
@@ -89,7 +90,12 @@ class SparseGANWrapper:
         seed: Seed of the per-network random generators (initial masks, random growth). The
             global RNG is never used.
         latent: Optional callable ``n -> G input`` (a tensor or a tuple of G's arguments), used
-            to build example inputs for discovery.
+            to build example inputs for discovery and by the balance-ratio probe.
+        real: Optional real batches for the balance-ratio probe: an iterable (a DataLoader is
+            cycled; ``(image, label)`` batches give D the image) or a callable ``n -> batch``.
+            With ``latent`` and ``real`` the wrapper measures BR every ``strategy.br_every`` G
+            steps; without them, feed BR with :meth:`observe`.
+        probe_batch_size: Latents per BR sample (default: the real batch's size).
         g_example_inputs: Example positional input(s) of G for discovery (default: ``latent(2)``).
         d_example_inputs: Example input(s) of D (default: G's output on the G example).
         include: Only mask discovered weights matching this glob / list / callable; or a dict
@@ -117,6 +123,8 @@ class SparseGANWrapper:
         *,
         seed: int = 0,
         latent: Callable[[int], Any] | None = None,
+        real: Iterable[Any] | Callable[[int], Any] | None = None,
+        probe_batch_size: int | None = None,
         g_example_inputs: Any = None,
         d_example_inputs: Any = None,
         include: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
@@ -151,6 +159,17 @@ class SparseGANWrapper:
                 _per_network(include, net), _per_network(exclude, net), optimizer_state,
                 discovery_methods, self.seed + index,
             )
+        self.balance = BalanceRatio(self.strategy.br_window)
+        self._probe: BalanceProbe | None = None
+        if latent is not None and real is not None:
+            self._probe = BalanceProbe(modules["generator"], modules["discriminator"], latent, real,
+                                       batch_size=probe_batch_size, seed=self.seed + 2)
+        elif real is not None:
+            raise ValueError("real= was given without latent=; the balance-ratio probe needs both")
+        elif any(getattr(n.algorithm, "needs_balance_ratio", False) for n in self._networks.values()):
+            logger.warning("%s steers D's density by the balance ratio, but no probe was configured: "
+                           "pass latent= and real= to SparseGANWrapper, or call sg.observe(...) after each "
+                           "generator step", type(self.strategy).__name__)
         for net in self._networks.values():
             self._register_hooks(net)
             _WRAPPED[net.module] = net.name
@@ -218,6 +237,12 @@ class SparseGANWrapper:
             self._after_step(net)
 
         net.handles.append(net.optimizer.register_step_post_hook(after_step))
+        if net.name == "generator":
+            def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                if self._probe is not None and (net.steps + 1) % self.strategy.br_every == 0:
+                    self._probe.before_step()
+
+            net.handles.append(net.optimizer.register_step_pre_hook(before_step))
         if net.algorithm is not None:
             weights = net.weights
 
@@ -228,11 +253,27 @@ class SparseGANWrapper:
 
     def _after_step(self, net: _Network) -> None:
         net.steps += 1
+        if net.algorithm is not None:
+            net.weights.apply_()
+        if net.name == "generator" and self._probe is not None and self._probe.pending:
+            measured = self._probe.after_step()
+            if measured is not None:
+                self.balance.add(*measured, step=net.steps)
         if net.algorithm is None:
             return
-        net.weights.apply_()
-        if net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator):
+        if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
+            self._check_balance_source()
+        if net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, balance=self.balance):
             net.mask_updates += 1
+
+    def _check_balance_source(self) -> None:
+        if self._probe is None and not self.balance.history and self.balance.skipped == 0:
+            raise RuntimeError(
+                f"{type(self.strategy).__name__} needs balance-ratio samples to steer the discriminator's "
+                "density, but none were measured. Either pass latent= (n -> G input) and real= (real "
+                "batches) to SparseGANWrapper so it measures them itself, or call "
+                "sg.observe(d_real=..., d_fake_before=..., d_fake_after=...) after each generator step."
+            )
 
     # ------------------------------------------------------------------ public API
 
@@ -264,6 +305,25 @@ class SparseGANWrapper:
     def algorithm(self, network: str) -> SparsityAlgorithm | None:
         """The network's sparsity algorithm (``None`` when it is dense)."""
         return self._net(network).algorithm
+
+    def observe(self, d_real: torch.Tensor | float, d_fake_before: torch.Tensor | float,
+                d_fake_after: torch.Tensor | float) -> float | None:
+        """Feed one balance-ratio sample computed in your own training step (no extra forward).
+
+        Args:
+            d_real: D's scores of a real batch.
+            d_fake_before: D's scores of G(z) before the generator's update.
+            d_fake_after: D's scores of G'(z) for the same z after the update.
+
+        Returns:
+            The sample, or ``None`` when it was skipped (non-finite scores, zero denominator).
+        """
+        return self.balance.add(d_real, d_fake_before, d_fake_after, step=self._networks["generator"].steps)
+
+    @property
+    def balance_ratio(self) -> float | None:
+        """The current windowed balance ratio (``None`` before the first sample)."""
+        return self.balance.value
 
     def apply_masks(self) -> None:
         """Enforce both networks' masks now (done automatically after every optimizer step)."""
@@ -301,6 +361,8 @@ class SparseGANWrapper:
         return {
             "format": STATE_FORMAT,
             "strategy": type(self.strategy).__name__,
+            "balance": self.balance.state_dict(),
+            "probe": self._probe.state_dict() if self._probe is not None else None,
             "networks": {
                 net.name: {
                     "masks": net.weights.state_dict() if net.algorithm is not None else {},
@@ -329,6 +391,12 @@ class SparseGANWrapper:
                 f"state dict was saved with strategy {state['strategy']}, this wrapper uses "
                 f"{type(self.strategy).__name__}; wrap with the same strategy to resume"
             )
+        try:
+            self.balance.load_state_dict(state["balance"])
+        except ValueError as exc:
+            raise WrapperStateError(f"balance ratio: {exc}") from None
+        if self._probe is not None and state.get("probe") is not None:
+            self._probe.load_state_dict(state["probe"])
         for net in self._networks.values():
             saved = state["networks"].get(net.name)
             if saved is None:

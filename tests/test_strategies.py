@@ -20,12 +20,12 @@ from tests.conftest import LATENT, ConvDiscriminator, ConvGenerator, adam, asser
 
 
 def test_registry_builds_by_name() -> None:
-    assert set(strategies.STRATEGIES) >= {"dense", "static", "dst"}
+    assert set(strategies.STRATEGIES) >= {"dense", "static", "dst", "sdst", "ddst"}
     built = strategies.create("STATIC", g_density=0.1, d_density=0.2)
     assert isinstance(built, Static) and built.d_density == 0.2
     assert isinstance(strategies.create("dense"), Dense)
-    with pytest.raises(ValueError, match="unknown strategy 'ddst'"):
-        strategies.create("ddst", g_density=0.1, d_density=0.1)
+    with pytest.raises(ValueError, match="unknown strategy 'rigl'"):
+        strategies.create("rigl", g_density=0.1, d_density=0.1)
     with pytest.raises(TypeError, match=r"Static\(g_density"):
         strategies.create("static", g_density=0.1)
 

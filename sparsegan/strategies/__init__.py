@@ -6,6 +6,8 @@ name           what it does
 ``dense``      :class:`Dense`: no masks (baseline; still measures)
 ``static``     :class:`Static`: fixed masks at ``g_density`` / ``d_density``
 ``dst``        :class:`DST`: prune-and-grow on G, D or both at fixed density
+``sdst``       :class:`SDST`: DST on G (paper defaults), D static
+``ddst``       :class:`DDST`: SDST plus D's density steered by the balance ratio
 =============  ===========================================================
 
 Build one by class (``strategies.Static(0.1, 0.2)``) or by name
@@ -21,6 +23,7 @@ from sparsegan.strategies.base import (
     create,
     register_strategy,
 )
+from sparsegan.strategies.ddst import DDST, SDST, ControlledDensity
 from sparsegan.strategies.dst import DST, DynamicSparsity
 from sparsegan.strategies.static import Dense, Static, StaticSparsity
 
@@ -34,6 +37,9 @@ __all__ = [
     "Dense",
     "Static",
     "DST",
+    "SDST",
+    "DDST",
+    "ControlledDensity",
     "check_density",
     "create",
     "register_strategy",

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from sparsegan.balance import BalanceRatio
 from sparsegan.distributions import allocate, check_density, random_mask
 from sparsegan.masks import MaskedWeights
 
@@ -66,8 +67,11 @@ class SparsityAlgorithm(abc.ABC):
         counts = allocate(shapes, self.density, self.distribution)
         return [random_mask(shape, counts[name], generator=generator) for name, shape in shapes.items()]
 
+    needs_balance_ratio: ClassVar[bool] = False
+    """Whether :meth:`update` reads the balance ratio (the wrapper then checks it has a source)."""
+
     def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator) -> bool:
+               generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
         """Called after every optimizer step of the network; change masks if due.
 
         Args:
@@ -75,10 +79,15 @@ class SparsityAlgorithm(abc.ABC):
             weights: The network's masked weights (change them with ``weights.set_masks``).
             optimizer: The network's optimizer (grads and state are still in place).
             generator: The network's random generator.
+            balance: The wrapper's balance-ratio estimate (read by BR-controlled algorithms).
 
         Returns:
             Whether the masks changed.
         """
+        return False
+
+    def is_due(self, step: int) -> bool:
+        """Whether :meth:`update` would consider a change at ``step`` (False for static masks)."""
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,6 +112,10 @@ class Strategy(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    br_every: int = 10
+    """G steps between balance-ratio samples of the wrapper's probe."""
+    br_window: int = 100
+    """Balance-ratio samples averaged by the wrapper's estimate."""
 
     @abc.abstractmethod
     def build(self) -> dict[str, SparsityAlgorithm | None]:

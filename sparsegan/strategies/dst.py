@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from sparsegan.balance import BalanceRatio
 from sparsegan.criteria import drop_lowest, get_score, grow_highest
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import DropFractionSchedule, UpdateSchedule, drop_fraction_schedule
@@ -72,8 +73,12 @@ class DynamicSparsity(SparsityAlgorithm):
         self.schedule = update
         self.drop_fraction = drop_fraction
 
+    def is_due(self, step: int) -> bool:
+        """Whether the update schedule is due at ``step``."""
+        return self.schedule.is_due(step)
+
     def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator) -> bool:
+               generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
         """Prune and grow when the schedule says so (see the module docs)."""
         if not self.schedule.is_due(step):
             return False

@@ -1,0 +1,229 @@
+"""SDST and DDST (ADAPT): dynamic sparse training of G, with D's density steered by the balance ratio.
+
+* :class:`SDST` (single DST): DST on the generator with the paper's defaults (every 500 G steps,
+  drop fraction 0.5 cosine-decayed, global magnitude prune, global gradient growth); the
+  discriminator keeps static masks.
+* :class:`DDST` (double DST / ADAPT): G as in SDST; every ``d_update_every`` D steps the
+  :class:`~sparsegan.balance.DensityController` reads the windowed balance ratio and raises D's
+  density (growing the inactive weights with the largest dense gradient), lowers it (pruning
+  the smallest active weights), or - in ``"strict"`` mode at the density cap - replaces part of
+  D's connections at constant density.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+
+from sparsegan.balance import BalanceRatio, DensityController, check_bounds
+from sparsegan.criteria import drop_lowest, get_score, grow_highest
+from sparsegan.masks import MaskedWeights
+from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFractionSchedule, UpdateSchedule
+from sparsegan.strategies.base import Distribution, SparsityAlgorithm, register_strategy
+from sparsegan.strategies.dst import DST, DynamicSparsity, Scope
+
+__all__ = ["ControlledDensity", "SDST", "DDST"]
+
+logger = logging.getLogger(__name__)
+
+
+class ControlledDensity(SparsityAlgorithm):
+    """The discriminator under DDST: its density follows a :class:`~sparsegan.balance.DensityController`.
+
+    Args:
+        density: Initial density.
+        distribution: Initial layer-wise allocation.
+        controller: The BR controller (owns the current target density).
+        update: When the controller is consulted (in D steps).
+        min_samples: BR samples the window must hold before the controller acts.
+        connectivity: The at-cap prune-and-grow of strict mode (``None`` in relax mode).
+        grow: Grow score used when the density rises (``"gradient"`` in the paper).
+        prune: Prune score used when the density falls (``"magnitude"``).
+    """
+
+    needs_balance_ratio = True
+
+    def __init__(self, density: float, distribution: Distribution = "erk", *, controller: DensityController,
+                 update: UpdateSchedule, min_samples: int = 1, connectivity: DynamicSparsity | None = None,
+                 grow: str = "gradient", prune: str = "magnitude") -> None:
+        super().__init__(density, distribution)
+        self.controller = controller
+        self.schedule = update
+        self.min_samples = min_samples
+        self.connectivity = connectivity
+        self.grow, self.prune = grow, prune
+        self.grow_score, self.prune_score = get_score(grow, "grow"), get_score(prune, "prune")
+
+    def is_due(self, step: int) -> bool:
+        """Whether the controller is consulted at ``step``."""
+        return self.schedule.is_due(step)
+
+    def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
+        """Consult the controller when due and resize (or rewire) D's masks accordingly."""
+        if not self.schedule.is_due(step):
+            return False
+        value = balance.value if balance is not None and len(balance) >= self.min_samples else None
+        decision = self.controller.decide(value, step=step)
+        logger.info("DDST controller at D step %d: BR %s -> %s, D density %.4f", step,
+                    "n/a" if value is None else f"{value:.4f}", decision.action, decision.density)
+        if decision.action == "dst":
+            assert self.connectivity is not None
+            return self.connectivity.prune_and_grow(
+                weights, optimizer, generator, float(self.connectivity.drop_fraction(step))) > 0
+        if decision.action == "hold":
+            return False
+        self.density = decision.density
+        return self.resize(weights, optimizer, generator, decision.density)
+
+    def resize(self, weights: MaskedWeights, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+               density: float) -> bool:
+        """Grow or prune (globally) to exactly ``round(density * total)`` active weights."""
+        change = round(density * weights.total) - sum(weights.active_counts())
+        if change == 0:
+            return False
+        score = self.grow_score if change > 0 else self.prune_score
+        with torch.no_grad():
+            scores = [score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
+                      for p, m in zip(weights.params, weights.masks)]
+        select = grow_highest if change > 0 else drop_lowest
+        weights.set_masks(select(weights.masks, scores, abs(change)), [optimizer])
+        return True
+
+    def state_dict(self) -> dict:
+        """The controller's density and decision log."""
+        return {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+        """Restore the controller (and so the target density)."""
+        self.controller.load_state_dict(state["controller"])
+        self.density = self.controller.density
+
+    def _config(self) -> str:
+        return f"{super()._config()}, controller={self.controller!r}, update={self.schedule}"
+
+
+def _paper_drop_schedule(drop_fraction: float | DropFractionSchedule, total_steps: int | None,
+                         what: str) -> DropFractionSchedule:
+    """Cosine decay from ``drop_fraction`` over ``total_steps``; constant when the run length is unknown."""
+    if not isinstance(drop_fraction, (int, float)):
+        return drop_fraction
+    if total_steps is None:
+        logger.warning("%s: total_steps not given, so the drop fraction stays at %s; pass total_steps= "
+                       "(optimizer steps of the run) for the paper's cosine decay", what, drop_fraction)
+        return ConstantDropFraction(float(drop_fraction))
+    return CosineDropFraction(float(drop_fraction), total_steps)
+
+
+@register_strategy("sdst")
+class SDST(DST):
+    """Single dynamic sparse training: DST on G with the paper's defaults, D static.
+
+    Args:
+        g_density: Generator density in (0, 1].
+        d_density: Discriminator density in (0, 1] (the paper finds a relatively larger D density
+            usually more stable).
+        update_every: G steps between G's mask updates (500).
+        drop_fraction: Initial drop fraction (0.5), cosine-decayed over ``total_steps``; or a
+            schedule object.
+        total_steps: G optimizer steps of the run (for the cosine decay; constant without it).
+        distribution: Initial layer-wise allocation (``"erk"``).
+        prune: Prune score (``"magnitude"``).
+        grow: Grow score (``"gradient"``).
+        scope: ``"global"`` (default) or ``"layer"``.
+    """
+
+    def __init__(self, g_density: float, d_density: float, *, update_every: int = 500,
+                 drop_fraction: float | DropFractionSchedule = 0.5, total_steps: int | None = None,
+                 distribution: Distribution = "erk", prune: str = "magnitude", grow: str = "gradient",
+                 scope: Scope = "global") -> None:
+        super().__init__(g_density, d_density, networks="generator", distribution=distribution,
+                         update_every=update_every, stop=total_steps,
+                         drop_fraction=_paper_drop_schedule(drop_fraction, total_steps, type(self).__name__),
+                         prune=prune, grow=grow, scope=scope)
+        self.total_steps = total_steps
+
+
+@register_strategy("ddst")
+class DDST(SDST):
+    """Double dynamic sparse training (ADAPT): G as SDST, D's density steered by the balance ratio.
+
+    The balance ratio is measured by the wrapper's probe (pass ``latent=`` and ``real=`` to
+    :class:`~sparsegan.SparseGANWrapper`) or fed by the user with ``sg.observe(...)``.
+
+    Args:
+        g_density: Generator density in (0, 1].
+        d_density: Initial discriminator density (the paper: equal to ``g_density`` in relax mode,
+            e.g. 0.3 in strict mode).
+        mode: ``"relax"`` (D may become dense) or ``"strict"`` (D capped at ``d_max_density``; at
+            the cap, a connectivity update instead of growth).
+        br_bounds: ``(lower, upper)``: BR >= upper raises D's density, BR <= lower lowers it.
+        density_step: Density change per controller decision (0.05).
+        d_update_every: D steps between controller decisions (1000 relax, 2000 strict by default).
+        d_max_density: Density cap (1.0 relax, 0.5 strict by default).
+        d_min_density: Density floor (0.05).
+        br_every: G steps between BR samples (10).
+        br_window: BR samples averaged (100).
+        br_min_samples: Samples needed before the controller acts (default: a full window).
+        d_drop_fraction: Initial drop fraction of strict mode's at-cap update (0.5, cosine-decayed
+            over ``d_total_steps``).
+        d_total_steps: D optimizer steps of the run (for that decay).
+        update_every: G's DST interval in G steps (500).
+        drop_fraction: G's initial drop fraction (0.5, cosine-decayed over ``total_steps``).
+        total_steps: G optimizer steps of the run.
+        distribution: Initial layer-wise allocation of both networks.
+        prune: G's prune score.
+        grow: G's grow score.
+        scope: G's selection scope.
+    """
+
+    def __init__(self, g_density: float, d_density: float, *, mode: Literal["relax", "strict"] = "relax",
+                 br_bounds: tuple[float, float] = (0.45, 0.55), density_step: float = 0.05,
+                 d_update_every: int | None = None, d_max_density: float | None = None,
+                 d_min_density: float = 0.05, br_every: int = 10, br_window: int = 100,
+                 br_min_samples: int | None = None, d_drop_fraction: float = 0.5,
+                 d_total_steps: int | None = None, update_every: int = 500,
+                 drop_fraction: float | DropFractionSchedule = 0.5, total_steps: int | None = None,
+                 distribution: Distribution = "erk", prune: str = "magnitude", grow: str = "gradient",
+                 scope: Scope = "global") -> None:
+        super().__init__(g_density, d_density, update_every=update_every, drop_fraction=drop_fraction,
+                         total_steps=total_steps, distribution=distribution, prune=prune, grow=grow, scope=scope)
+        if mode not in ("relax", "strict"):
+            raise ValueError(f"mode must be 'relax' or 'strict', got {mode!r}")
+        self.mode = mode
+        self.br_bounds = check_bounds(br_bounds)
+        self.density_step = density_step
+        self.d_update_every = d_update_every if d_update_every is not None else (1000 if mode == "relax" else 2000)
+        self.d_max_density = d_max_density if d_max_density is not None else (1.0 if mode == "relax" else 0.5)
+        self.d_min_density = d_min_density
+        for name, value in (("br_every", br_every), ("br_window", br_window), ("d_update_every", self.d_update_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.br_every, self.br_window = br_every, br_window
+        self.br_min_samples = br_window if br_min_samples is None else br_min_samples
+        if not 1 <= self.br_min_samples <= br_window:
+            raise ValueError(f"br_min_samples must be in [1, br_window={br_window}], got {br_min_samples!r}")
+        self.d_drop_fraction, self.d_total_steps = d_drop_fraction, d_total_steps
+        # fail now, not at the first controller update
+        DensityController(self.d_density, bounds=self.br_bounds, step=density_step, min_density=d_min_density,
+                          max_density=self.d_max_density, mode=mode)
+
+    def build(self) -> dict[str, SparsityAlgorithm | None]:
+        """DST on G; a BR-controlled density on D."""
+        built = super().build()
+        connectivity = None
+        if self.mode == "strict":
+            connectivity = DynamicSparsity(
+                self.d_density, self.distribution, update=UpdateSchedule(self.d_update_every),
+                drop_fraction=_paper_drop_schedule(self.d_drop_fraction, self.d_total_steps, "DDST strict at-cap DST"),
+                prune="magnitude", grow="gradient", scope="global",
+            )
+        controller = DensityController(self.d_density, bounds=self.br_bounds, step=self.density_step,
+                                       min_density=self.d_min_density, max_density=self.d_max_density, mode=self.mode)
+        built["discriminator"] = ControlledDensity(
+            self.d_density, self.distribution, controller=controller, update=UpdateSchedule(self.d_update_every),
+            min_samples=self.br_min_samples, connectivity=connectivity,
+        )
+        return built
