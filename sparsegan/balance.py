@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 _EPS = 1e-12
 
 
+def _should_log(skipped: int) -> bool:
+    """Log the first 10 skipped samples, then every 100th (a broken run must not flood the log)."""
+    return skipped <= 10 or skipped % 100 == 0
+
+
 def _mean(value: torch.Tensor | float) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().mean())
@@ -84,14 +89,16 @@ class BalanceRatio:
         real, before, after = _mean(d_real), _mean(d_fake_before), _mean(d_fake_after)
         if not all(math.isfinite(v) for v in (real, before, after)):
             self.skipped += 1
-            logger.warning("balance ratio sample skipped at G step %d: non-finite discriminator scores "
-                           "(real %s, fake before %s, fake after %s); %d skipped so far",
-                           step, real, before, after, self.skipped)
+            if _should_log(self.skipped):
+                logger.warning("balance ratio sample skipped at G step %d: non-finite discriminator "
+                               "scores (real %s, fake before %s, fake after %s); %d skipped so far",
+                               step, real, before, after, self.skipped)
             return None
         if abs(real - before) < _EPS:
             self.skipped += 1
-            logger.warning("balance ratio sample skipped at G step %d: D(x) equals D(G(z)) (zero denominator); "
-                           "%d skipped so far", step, self.skipped)
+            if _should_log(self.skipped):
+                logger.warning("balance ratio sample skipped at G step %d: D(x) equals D(G(z)) (zero "
+                               "denominator); %d skipped so far", step, self.skipped)
             return None
         sample = (after - before) / (real - before)
         self._samples.append(sample)

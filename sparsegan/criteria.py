@@ -439,7 +439,11 @@ def _select(
 
 
 def drop_lowest(
-    masks: Sequence[Tensor], scores: Sequence[Tensor], count: int | Sequence[int]
+    masks: Sequence[Tensor],
+    scores: Sequence[Tensor],
+    count: int | Sequence[int],
+    *,
+    min_active: int = 0,
 ) -> list[Tensor]:
     """Deactivates the ``count`` active positions with the lowest scores.
 
@@ -449,6 +453,9 @@ def drop_lowest(
             inactive positions are ignored.
         count: An int selects globally across all layers (scores compared
             across layers); a sequence gives one count per layer.
+        min_active: Keep at least this many active positions in every layer
+            (its highest-scoring ones are never dropped), so that a global
+            selection cannot disconnect a layer.
 
     Returns:
         New boolean masks with exactly ``count`` fewer True entries (in total,
@@ -462,11 +469,21 @@ def drop_lowest(
             than the number of active positions.
     """
     _check_layers(masks, scores)
+    eligible = list(masks)
+    if min_active > 0:
+        eligible = []
+        for mask, score in zip(masks, scores):
+            keep = min(min_active, int(mask.sum()))
+            flat = torch.where(mask, score.to(torch.float64), float("-inf")).flatten()
+            protected = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+            if keep:
+                protected[torch.topk(flat, keep).indices] = True
+            eligible.append(mask & ~protected.view_as(mask))
     return _select(
         masks,
         scores,
         count,
-        eligible=masks,
+        eligible=eligible,
         fallback=None,
         largest=False,
         new_value=False,

@@ -81,15 +81,20 @@ class ControlledDensity(SparsityAlgorithm):
     def resize(self, weights: MaskedWeights, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                density: float) -> bool:
         """Grow or prune (globally) to exactly ``round(density * total)`` active weights."""
-        change = round(density * weights.total) - sum(weights.active_counts())
+        active = weights.active_counts()
+        # never disconnect a layer: each keeps at least one active weight
+        change = max(round(density * weights.total), len(active)) - sum(active)
         if change == 0:
             return False
         score = self.grow_score if change > 0 else self.prune_score
         with torch.no_grad():
             scores = [score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
                       for p, m in zip(weights.params, weights.masks)]
-        select = grow_highest if change > 0 else drop_lowest
-        weights.set_masks(select(weights.masks, scores, abs(change)), [optimizer])
+        if change > 0:
+            new = grow_highest(weights.masks, scores, change)
+        else:
+            new = drop_lowest(weights.masks, scores, -change, min_active=1)
+        weights.set_masks(new, [optimizer])
         return True
 
     def state_dict(self) -> dict:

@@ -92,17 +92,18 @@ class DynamicSparsity(SparsityAlgorithm):
                        generator: torch.Generator, fraction: float) -> int:
         """Replace ``fraction`` of the active weights; return how many were replaced."""
         active = weights.active_counts()
+        # every layer keeps at least one active weight, so no update can disconnect the network
         if self.scope == "global":
-            count: int | list[int] = round(fraction * sum(active))
+            count: int | list[int] = min(round(fraction * sum(active)), sum(active) - len(active))
             moved = int(count)
         else:
-            count = [round(fraction * a) for a in active]
+            count = [min(round(fraction * a), a - 1) for a in active]
             moved = sum(count)
         if moved == 0:
             return 0
         masks = weights.masks
         prune_scores = self._scores(self.prune_score, weights, optimizer, generator)
-        after_drop = drop_lowest(masks, prune_scores, count)
+        after_drop = drop_lowest(masks, prune_scores, count, min_active=1)
         grow_scores = self._scores(self.grow_score, weights, optimizer, generator)
         dropped = [old & ~new for old, new in zip(masks, after_drop)]
         grown = grow_highest(after_drop, grow_scores, count, exclude=dropped)

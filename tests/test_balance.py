@@ -1,0 +1,301 @@
+"""Balance ratio, its probe, the density controller, and DDST on tiny GANs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsegan import SparseGANWrapper
+from sparsegan.balance import BalanceRatio, DensityController, check_bounds
+from sparsegan.strategies import DDST, SDST, Dense, Static
+from tests.conftest import LATENT, ConvDiscriminator, ConvGenerator, adam, assert_masks_hold, mlp_gan, real_batch, train
+
+# ---------------------------------------------------------------------------- the ratio and its window
+
+
+def test_ratio_by_hand() -> None:
+    # D(x) mean 2, D(G(z)) mean 0, D(G'(z)) mean 0.5 -> (0.5 - 0) / (2 - 0) = 0.25
+    assert BalanceRatio.ratio(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])) == 0.25
+    # negative margins are kept: (1 - 2) / (0 - 2) = 0.5
+    assert BalanceRatio.ratio(0.0, 2.0, 1.0) == 0.5
+
+
+def test_window_is_a_mean_of_ratios_not_a_ratio_of_means() -> None:
+    br = BalanceRatio(window=2)
+    assert br.value is None
+    assert br.add(2.0, 0.0, 0.5, step=10) == 0.25
+    assert br.add(1.0, 0.0, 0.75, step=20) == 0.75
+    assert br.value == pytest.approx(0.5)  # a ratio of means would be (1.25/2) / (3/2) = 0.4167
+    br.add(4.0, 0.0, 2.0, step=30)  # 0.5; the window drops 0.25
+    assert br.value == pytest.approx(0.625)
+    assert [h[0] for h in br.history] == [10, 20, 30]
+    assert br.history[-1][2] == pytest.approx(0.625)
+
+
+def test_bad_samples_are_skipped_and_logged(caplog) -> None:
+    br = BalanceRatio(window=4)
+    br.add(2.0, 0.0, 1.0)
+    with caplog.at_level(logging.WARNING, logger="sparsegan.balance"):
+        assert br.add(float("nan"), 0.0, 1.0) is None
+        assert br.add(torch.tensor([1.0, float("inf")]), 0.0, 1.0) is None
+        assert br.add(1.0, 1.0, 2.0) is None  # D(x) == D(G(z)): zero denominator
+    assert br.skipped == 3 and len(br) == 1 and br.value == 0.5
+    assert "non-finite" in caplog.text and "zero denominator" in caplog.text
+
+
+def test_balance_state_dict_round_trip() -> None:
+    br = BalanceRatio(window=3)
+    for real in (2.0, 3.0, 4.0, 5.0):
+        br.add(real, 0.0, 1.0)
+    other = BalanceRatio(window=3)
+    other.load_state_dict(br.state_dict())
+    assert other.value == br.value and other.history == br.history
+    with pytest.raises(ValueError, match="window"):
+        BalanceRatio(window=5).load_state_dict(br.state_dict())
+
+
+# ---------------------------------------------------------------------------- the controller
+
+
+def _path(controller: DensityController, ratios) -> list[tuple[str, float]]:
+    return [(d.action, round(d.density, 4)) for d in (controller.decide(r) for r in ratios)]
+
+
+def test_relax_controller_follows_a_scripted_sequence_to_the_floor() -> None:
+    controller = DensityController(0.1, bounds=(0.45, 0.55), step=0.05, min_density=0.05, max_density=1.0)
+    assert _path(controller, [0.6, 0.55, 0.5, 0.3, None, 0.45, 0.1, 0.1]) == [
+        ("grow", 0.15), ("grow", 0.2), ("hold", 0.2), ("prune", 0.15), ("hold", 0.15),
+        ("prune", 0.1), ("prune", 0.05), ("hold", 0.05),  # floor
+    ]
+
+
+def test_relax_controller_stops_at_dense() -> None:
+    controller = DensityController(0.9, step=0.05)
+    assert _path(controller, [0.9, 0.9, 0.9]) == [("grow", 0.95), ("grow", 1.0), ("hold", 1.0)]
+
+
+def test_strict_controller_caps_and_rewires_at_the_cap() -> None:
+    controller = DensityController(0.3, step=0.15, max_density=0.5, mode="strict")
+    assert _path(controller, [0.7, 0.7, 0.7, 0.2]) == [("grow", 0.45), ("grow", 0.5), ("dst", 0.5), ("prune", 0.35)]
+    restored = DensityController(0.3, step=0.15, max_density=0.5, mode="strict")
+    restored.load_state_dict(controller.state_dict())
+    assert restored.density == pytest.approx(0.35) and len(restored.decisions) == 4
+
+
+@pytest.mark.parametrize("bounds", [(0.55, 0.45), (0.5, 0.5), (-0.1, 0.5), (0.4, 1.5), ("a", "b"), (0.5,)])
+def test_bad_bounds(bounds) -> None:
+    with pytest.raises(ValueError, match="br_bounds"):
+        check_bounds(bounds)
+    with pytest.raises(ValueError, match="br_bounds"):
+        DDST(0.1, 0.1, br_bounds=bounds)
+
+
+def test_controller_argument_errors() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        DDST(0.1, 0.6, mode="strict")  # initial D density above the strict cap 0.5
+    with pytest.raises(ValueError, match="mode"):
+        DDST(0.1, 0.1, mode="loose")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="br_min_samples"):
+        DDST(0.1, 0.1, br_window=5, br_min_samples=6)
+
+
+# ---------------------------------------------------------------------------- the probe
+
+
+def _train_static(probe: bool):
+    torch.manual_seed(0)
+    G, D = ConvGenerator(), ConvDiscriminator()  # BatchNorm in G, legacy spectral norm in D
+    g_opt, d_opt = adam(G), adam(D)
+    kwargs = {}
+    if probe:
+        kwargs = dict(latent=lambda n: torch.randn(n, LATENT), real=lambda n: real_batch(n, torch.Generator(), (1, 8, 8)))
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.3, 0.3), g_example_inputs=torch.randn(2, LATENT), **kwargs)
+    sg.strategy.br_every = 2
+    # a loop that also draws from the global RNG (dropout-like), which the probe must not disturb
+    train(G, D, g_opt, d_opt, 12, latent=LATENT, data_shape=(1, 8, 8), on_iteration=lambda it: torch.rand(1))
+    return G, D, sg
+
+
+def test_probe_leaves_no_trace() -> None:
+    G_on, D_on, sg_on = _train_static(probe=True)
+    G_off, D_off, sg_off = _train_static(probe=False)
+    assert len(sg_on.balance.history) == 6 and sg_off.balance.value is None
+    for a, b in zip(list(G_on.state_dict().values()) + list(D_on.state_dict().values()),
+                    list(G_off.state_dict().values()) + list(D_off.state_dict().values())):
+        assert torch.equal(a, b)
+
+
+def test_probe_measures_the_formula() -> None:
+    # a G that only shifts by a learnable bias and a linear D: every term is known in closed form
+    G = torch.nn.Linear(1, 1)
+    D = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        G.weight.fill_(0.0)
+        G.bias.fill_(0.0)
+        D.weight.fill_(1.0)
+    g_opt = torch.optim.SGD(G.parameters(), lr=0.5)
+    d_opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), latent=lambda n: torch.zeros(n, 1),
+                          real=lambda n: torch.full((n, 1), 2.0), probe_batch_size=4)
+    sg.strategy.br_every = 1
+    loss = -D(G(torch.zeros(4, 1))).mean()
+    loss.backward()  # d loss / d bias = -1 -> SGD moves the bias to 0.5
+    g_opt.step()
+    # D(x) = 2, D(G(z)) = 0 before, D(G'(z)) = 0.5 after: BR = 0.5 / 2
+    assert sg.balance_ratio == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------- DDST on tiny GANs
+
+
+def _check_decisions(sg) -> list[str]:
+    """Every controller decision follows its windowed BR; the masks match the controller's density."""
+    decisions = [d for _, d in sg.algorithm("D").controller.decisions]
+    for d in decisions:
+        if d.balance_ratio is not None and d.balance_ratio >= 0.55:
+            assert d.action == "grow" or (d.action == "hold" and d.density == 1.0)
+        elif d.balance_ratio is not None and d.balance_ratio <= 0.45:
+            assert d.action == "prune" or (d.action == "hold" and d.density == 0.05)
+        else:
+            assert d.action == "hold"
+    total = sum(m.numel() for m in sg.masks("D").values())
+    assert sum(int(m.sum()) for m in sg.masks("D").values()) == round(sg.algorithm("D").density * total)
+    return [d.action for d in decisions]
+
+
+def test_ddst_raises_density_of_a_too_weak_discriminator() -> None:
+    # D is frozen (lr 0) while G takes large steps: each G step moves D's score of the same fakes
+    # by a growing share of D's fixed real/fake margin, so the BR climbs past the upper bound.
+    torch.manual_seed(0)
+    G, _ = mlp_gan(hidden=16)
+    D = nn.Sequential(nn.Linear(2, 8), nn.Linear(8, 1))
+    with torch.no_grad():
+        for layer in D:
+            layer.weight.fill_(0.1)
+            layer.bias.zero_()
+    g_opt = torch.optim.Adam(G.parameters(), lr=3e-2, betas=(0.0, 0.9))
+    d_opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, latent=lambda n: torch.randn(n, 8),
+                          real=lambda n: real_batch(n, torch.Generator()),
+                          strategy=DDST(0.3, 0.5, d_update_every=1, br_every=1, br_window=2, update_every=1000))
+    train(G, D, g_opt, d_opt, 8, latent=8)
+    actions = _check_decisions(sg)
+    ratios = [h[1] for h in sg.balance.history][:7]
+    assert ratios == sorted(ratios) and ratios[-1] > 0.55  # BR rises while G closes on the real data
+    # the D step of iteration 8 sees the window (BR_6 + BR_7) / 2 >= 0.55 and grows D
+    assert actions[7] == "grow"
+    decisions = [d for _, d in sg.algorithm("D").controller.decisions]
+    assert decisions[7].density == pytest.approx(decisions[6].density + 0.05)
+    # (once G's fakes outscore the real data the denominator turns negative and so does BR)
+
+
+def test_ddst_lowers_density_of_a_too_strong_discriminator() -> None:
+    # G cannot move (lr 0): the numerator of BR is exactly 0, so D is pruned down to the floor
+    torch.manual_seed(0)
+    G, D = mlp_gan(hidden=16)
+    g_opt = torch.optim.Adam(G.parameters(), lr=0.0, betas=(0.0, 0.9))
+    d_opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, latent=lambda n: torch.randn(n, 8),
+                          real=lambda n: real_batch(n, torch.Generator()),
+                          strategy=DDST(0.3, 0.3, d_update_every=10, br_every=2, br_window=5, update_every=20))
+    losses = train(G, D, g_opt, d_opt, 100, latent=8)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert_masks_hold(sg, G, D)
+    actions = _check_decisions(sg)
+    assert sg.balance_ratio == 0.0
+    assert actions[0] == "hold" and set(actions[1:]) <= {"prune", "hold"} and actions.count("prune") == 5
+    assert sg.density("D") == pytest.approx(0.05, abs=2e-3)  # 0.3 -> 0.05 in five steps of 0.05
+
+
+def test_ddst_with_observe_instead_of_the_probe() -> None:
+    G, D = mlp_gan()
+    g_opt, d_opt = adam(G), adam(D)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=DDST(0.2, 0.2, d_update_every=5, br_window=3))
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        real, z = real_batch(8, rng), torch.randn(8, 8, generator=rng)
+        d_loss = F.relu(1 - D(real)).mean() + F.relu(1 + D(G(z).detach())).mean()
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        fake_score = D(G(z))
+        g_opt.zero_grad()
+        (-fake_score.mean()).backward()
+        g_opt.step()
+        with torch.no_grad():  # the user's own numbers: a D that is too weak (BR = 0.9)
+            sg.observe(d_real=1.0, d_fake_before=0.0, d_fake_after=0.9)
+    assert sg.balance_ratio == pytest.approx(0.9)
+    assert sg.density("D") == pytest.approx(0.35, abs=2e-3)  # decisions at D steps 5, 10, 15; window full from 3
+
+
+def test_ddst_without_a_balance_source_is_a_clear_error(caplog) -> None:
+    G, D = mlp_gan()
+    g_opt, d_opt = adam(G), adam(D)
+    with caplog.at_level(logging.WARNING):
+        SparseGANWrapper(G, D, g_opt, d_opt, strategy=DDST(0.2, 0.2, d_update_every=3))
+    assert "observe" in caplog.text
+    with pytest.raises(RuntimeError, match="latent=.*real=.*observe"):
+        train(G, D, g_opt, d_opt, 3, latent=8)
+
+
+def test_real_without_latent_is_rejected() -> None:
+    G, D = mlp_gan()
+    with pytest.raises(ValueError, match="latent"):
+        SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), real=lambda n: torch.randn(n, 2))
+
+
+def test_sdst_defaults_follow_the_paper() -> None:
+    built = SDST(0.1, 0.2, total_steps=10_000).build()
+    g = built["generator"]
+    assert g.schedule.every == 500 and g.schedule.stop == 10_000
+    assert g.drop_fraction(0) == 0.5 and g.drop_fraction(5000) == pytest.approx(0.25)
+    assert (g.prune, g.grow, g.scope) == ("magnitude", "gradient", "global")
+    assert built["discriminator"].density == 0.2 and not built["discriminator"].is_due(500)
+
+
+def _ddst_resume(checkpoint: bool, mode: str):
+    def make():
+        G, D = ConvGenerator(), ConvDiscriminator()
+        g_opt, d_opt = adam(G), adam(D)
+        strategy = DDST(0.3, 0.3, mode=mode, d_max_density=0.35, density_step=0.05, d_update_every=6,
+                        br_every=2, br_window=3, update_every=8)
+        sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=strategy, seed=3,
+                              latent=lambda n: torch.randn(n, LATENT),
+                              real=lambda n: real_batch(n, torch.Generator(), (1, 8, 8)) * 0.0 + 3.0)
+        return G, D, g_opt, d_opt, sg
+
+    torch.manual_seed(0)
+    G, D, g_opt, d_opt, sg = make()
+    rng = torch.Generator().manual_seed(1)
+    train(G, D, g_opt, d_opt, 14, latent=LATENT, data_shape=(1, 8, 8), rng=rng, n_critic=2)
+    if checkpoint:
+        saved = copy.deepcopy({"G": G.state_dict(), "D": D.state_dict(), "g": g_opt.state_dict(),
+                               "d": d_opt.state_dict(), "sg": sg.state_dict(), "rng": rng.get_state()})
+        torch.manual_seed(5)
+        G, D, g_opt, d_opt, sg = make()
+        G.load_state_dict(saved["G"])
+        D.load_state_dict(saved["D"])
+        g_opt.load_state_dict(saved["g"])
+        d_opt.load_state_dict(saved["d"])
+        sg.load_state_dict(saved["sg"])
+        rng.set_state(saved["rng"])
+    train(G, D, g_opt, d_opt, 14, latent=LATENT, data_shape=(1, 8, 8), rng=rng, n_critic=2)
+    return G, D, sg
+
+
+@pytest.mark.parametrize("mode", ["relax", "strict"])
+def test_ddst_resume_continues_bit_identically(mode: str) -> None:
+    G_a, D_a, sg_a = _ddst_resume(False, mode)
+    G_b, D_b, sg_b = _ddst_resume(True, mode)
+    decisions = [d.action for _, d in sg_a.algorithm("D").controller.decisions]
+    assert len(decisions) >= 4 and set(decisions) - {"hold"}  # the controller acted, before and after
+    assert sg_a.balance.history == sg_b.balance.history
+    assert sg_a.algorithm("D").controller.state_dict() == sg_b.algorithm("D").controller.state_dict()
+    for a, b in zip(list(G_a.state_dict().values()) + list(D_a.state_dict().values()),
+                    list(G_b.state_dict().values()) + list(D_b.state_dict().values())):
+        assert torch.equal(a, b)
