@@ -320,3 +320,15 @@ def test_grow_properties(data: tuple, per_layer: bool, frac: float, use_exclude:
         grown_ex = grown & ex_f
         if grown_ex.any() and fallback_left.any():
             assert s_f[grown_ex].min() >= s_f[fallback_left].max()
+
+
+def test_drop_lowest_min_active_keeps_each_layers_best() -> None:
+    # layer a's weights are all tiny; a global drop of 3 would empty it without min_active
+    masks = [torch.tensor([True, True]), torch.tensor([True, True, True])]
+    scores = [torch.tensor([0.01, 0.02]), torch.tensor([0.5, 0.6, 0.7])]
+    assert drop_lowest(masks, scores, 3)[0].sum() == 0
+    kept = drop_lowest(masks, scores, 3, min_active=1)
+    assert torch.equal(kept[0], torch.tensor([False, True]))  # its largest survives
+    assert torch.equal(kept[1], torch.tensor([False, False, True]))
+    with pytest.raises(ValueError):
+        drop_lowest(masks, scores, 4, min_active=1)  # only 3 droppable positions remain
