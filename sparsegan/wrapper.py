@@ -29,6 +29,8 @@ from torch.utils.hooks import RemovableHandle
 from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model
 from sparsegan.balance import BalanceProbe, BalanceRatio
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
+from sparsegan.ema import SparseEMA
+from sparsegan.flops import FlopsLedger, layer_flops
 from sparsegan.masks import MaskedWeights, MaskStateError, OptimizerStatePolicy
 from sparsegan.strategies import NETWORKS, SparsityAlgorithm, Strategy, create
 
@@ -104,6 +106,8 @@ class SparseGANWrapper:
         optimizer_state: ``"reset"`` (zero optimizer state at pruned/regrown positions) or
             ``"keep"``.
         discovery_methods: The discovery cascade (default ``("fx", "export", "runtime")``).
+        g_ema: Keep a sparse-aware EMA copy of G with this decay (e.g. 0.999), available as
+            :attr:`ema`; its pruned positions follow G's masks.
 
     Raises:
         TypeError: If a model or optimizer has the wrong type.
@@ -131,6 +135,7 @@ class SparseGANWrapper:
         exclude: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
         optimizer_state: OptimizerStatePolicy = "reset",
         discovery_methods: tuple[str, ...] = METHODS,
+        g_ema: float | None = None,
     ) -> None:
         self.strategy: Strategy = create(strategy) if isinstance(strategy, str) else strategy
         if not isinstance(self.strategy, Strategy):
@@ -170,6 +175,17 @@ class SparseGANWrapper:
             logger.warning("%s steers D's density by the balance ratio, but no probe was configured: "
                            "pass latent= and real= to SparseGANWrapper, or call sg.observe(...) after each "
                            "generator step", type(self.strategy).__name__)
+        self.ema: SparseEMA | None = None
+        if g_ema is not None:  # copied before the hooks exist, so the copy carries none of ours
+            self.ema = SparseEMA(modules["generator"], g_ema, masks=self.masks("generator"))
+        self.ledger: FlopsLedger | None = None
+        try:
+            self.ledger = FlopsLedger({n.name: layer_flops(n.discovery.weights) for n in self._networks.values()})
+        except ValueError as exc:
+            logger.info("FLOPs accounting is off: %s", exc)
+        else:
+            for net in self._networks.values():
+                self.ledger.set_densities(net.name, self._layer_densities(net))
         for net in self._networks.values():
             self._register_hooks(net)
             _WRAPPED[net.module] = net.name
@@ -259,12 +275,28 @@ class SparseGANWrapper:
             measured = self._probe.after_step()
             if measured is not None:
                 self.balance.add(*measured, step=net.steps)
-        if net.algorithm is None:
-            return
-        if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
-            self._check_balance_source()
-        if net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, balance=self.balance):
+        changed = False
+        if net.algorithm is not None:
+            if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
+                self._check_balance_source()
+            changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator,
+                                           balance=self.balance)
+        if changed:
             net.mask_updates += 1
+            if self.ledger is not None:
+                self.ledger.set_densities(net.name, self._layer_densities(net))
+        if self.ledger is not None:
+            self.ledger.record_step(net.name, dense_gradient=changed)
+        if net.name == "generator" and self.ema is not None:
+            if changed:
+                self.ema.set_masks(self.masks("generator"))
+            self.ema.update(net.module)
+
+    @staticmethod
+    def _layer_densities(net: _Network) -> dict[str, float]:
+        if net.algorithm is None:
+            return {name: 1.0 for name in net.weights.names}
+        return net.weights.layer_densities()
 
     def _check_balance_source(self) -> None:
         if self._probe is None and not self.balance.history and self.balance.skipped == 0:
@@ -325,6 +357,29 @@ class SparseGANWrapper:
         """The current windowed balance ratio (``None`` before the first sample)."""
         return self.balance.value
 
+    def flops(self) -> dict[str, dict[str, float]]:
+        """Training FLOPs so far (per sample), sparse vs dense, for G, D and in total.
+
+        Also reports each network's current inference FLOPs under ``"inference"``. Counts cover
+        conv/linear kernels (1 MAC = 2 FLOPs; a training step = 3 forward passes, plus the dense
+        weight gradient on gradient-growth update steps).
+
+        Raises:
+            RuntimeError: When layer costs are unknown (no example input was available).
+        """
+        if self.ledger is None:
+            raise RuntimeError(
+                "FLOPs need each layer's cost from an example forward pass; pass latent= (or "
+                "g_example_inputs= / d_example_inputs=) to SparseGANWrapper"
+            )
+        summary = self.ledger.summary()
+        summary["inference"] = {n: self.ledger.inference_flops(n)["ratio"] for n in NETWORKS}
+        return summary
+
+    def mask_updates(self, network: str) -> int:
+        """How many times the network's masks changed since wrapping."""
+        return self._net(network).mask_updates
+
     def apply_masks(self) -> None:
         """Enforce both networks' masks now (done automatically after every optimizer step)."""
         for net in self._networks.values():
@@ -351,6 +406,8 @@ class SparseGANWrapper:
                              " > ".join(rec.via) or "-", f"{count / rec.numel:.4f}", f"{count}/{rec.numel}"))
             blocks.append("\n".join(format_table(rows)))
             blocks += found.skipped_lines()
+        source = "probe" if self._probe is not None else "observe()"
+        blocks.append(f"\nbalance ratio ({source}, every {self.strategy.br_every} G steps): {self.balance!r}")
         return "\n".join(blocks)
 
     def state_dict(self) -> dict[str, Any]:
@@ -363,6 +420,8 @@ class SparseGANWrapper:
             "strategy": type(self.strategy).__name__,
             "balance": self.balance.state_dict(),
             "probe": self._probe.state_dict() if self._probe is not None else None,
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "networks": {
                 net.name: {
                     "masks": net.weights.state_dict() if net.algorithm is not None else {},
@@ -397,6 +456,10 @@ class SparseGANWrapper:
             raise WrapperStateError(f"balance ratio: {exc}") from None
         if self._probe is not None and state.get("probe") is not None:
             self._probe.load_state_dict(state["probe"])
+        if self.ledger is not None and state.get("ledger") is not None:
+            self.ledger.load_state_dict(state["ledger"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         for net in self._networks.values():
             saved = state["networks"].get(net.name)
             if saved is None:

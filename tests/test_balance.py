@@ -295,6 +295,7 @@ def test_ddst_resume_continues_bit_identically(mode: str) -> None:
     decisions = [d.action for _, d in sg_a.algorithm("D").controller.decisions]
     assert len(decisions) >= 4 and set(decisions) - {"hold"}  # the controller acted, before and after
     assert sg_a.balance.history == sg_b.balance.history
+    assert sg_a.flops() == sg_b.flops()  # the FLOPs ledger resumes too, across D density changes
     assert sg_a.algorithm("D").controller.state_dict() == sg_b.algorithm("D").controller.state_dict()
     for a, b in zip(list(G_a.state_dict().values()) + list(D_a.state_dict().values()),
                     list(G_b.state_dict().values()) + list(D_b.state_dict().values())):
