@@ -7,11 +7,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test docs bench clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile requirements/testbed.txt requirements/testbed-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[test,demo,docs]"
+	$(BIN)/python -m pip install -q --no-deps -r requirements/testbed-nodeps.txt
+	$(BIN)/python -m pip install -q -r requirements/testbed.txt
 	touch $@
 
 demo: $(BIN)/.installed
