@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model
 from sparsegan.balance import BalanceProbe, BalanceRatio
+from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
 from sparsegan.ema import SparseEMA
 from sparsegan.flops import FlopsLedger, layer_flops
@@ -64,6 +65,33 @@ class _Network:
 
     def density(self) -> float:
         return self.weights.density() if self.algorithm is not None else 1.0
+
+
+class _EnforceMasks:
+    """Forward pre-hook: re-apply the masks when a masked parameter changed since the last time.
+
+    A copy of the module (``copy.deepcopy``, ``pickle``/``torch.save`` of the whole module) is not
+    wrapped: the copied hook does nothing rather than reaching back to the original's masks.
+    """
+
+    def __init__(self, weights: MaskedWeights) -> None:
+        self.weights = weights
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.weights.apply_if_stale_()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a copied :class:`_EnforceMasks` becomes: a hook that does nothing."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        return None
 
 
 def _per_network(value: Any, network: str) -> Any:
@@ -231,7 +259,7 @@ class SparseGANWrapper:
                 )
             self._check_optimizer(name, optimizer, weights)
             shapes = {n: tuple(p.shape) for n, p in zip(weights.names, weights.params)}
-            weights.masks = weights._checked(algorithm.initial_masks(shapes, generator=rng))
+            weights.masks = weights._checked(broadcast_masks(algorithm.initial_masks(shapes, generator=rng)))
             weights.apply_()
             if optimizer_state == "reset":
                 weights.reset_optimizer_state(optimizer)
@@ -260,12 +288,7 @@ class SparseGANWrapper:
 
             net.handles.append(net.optimizer.register_step_pre_hook(before_step))
         if net.algorithm is not None:
-            weights = net.weights
-
-            def before_forward(module: nn.Module, args: Any) -> None:
-                weights.apply_if_stale_()
-
-            net.handles.append(net.module.register_forward_pre_hook(before_forward))
+            net.handles.append(net.module.register_forward_pre_hook(_EnforceMasks(net.weights)))
 
     def _after_step(self, net: _Network) -> None:
         net.steps += 1
@@ -274,13 +297,16 @@ class SparseGANWrapper:
         if net.name == "generator" and self._probe is not None and self._probe.pending:
             measured = self._probe.after_step()
             if measured is not None:
-                self.balance.add(*measured, step=net.steps)
+                self.balance.add(*all_reduce_mean(measured), step=net.steps)
         changed = False
         if net.algorithm is not None:
             if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
                 self._check_balance_source()
+            due = net.algorithm.is_due(net.steps)
             changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator,
                                            balance=self.balance)
+            if due and is_distributed():
+                changed = self._sync_masks(net) or changed
         if changed:
             net.mask_updates += 1
             if self.ledger is not None:
@@ -291,6 +317,17 @@ class SparseGANWrapper:
             if changed:
                 self.ema.set_masks(self.masks("generator"))
             self.ema.update(net.module)
+
+    @staticmethod
+    def _sync_masks(net: _Network) -> bool:
+        """Make every rank's masks rank 0's (called on all ranks at the same scheduled steps)."""
+        agreed = broadcast_masks(net.weights.masks)
+        if all(torch.equal(a, b) for a, b in zip(agreed, net.weights.masks)):
+            return False
+        logger.warning("%s masks differed from rank 0's after the update at step %d; using rank 0's",
+                       net.name, net.steps)
+        net.weights.set_masks(agreed, [net.optimizer])
+        return True
 
     @staticmethod
     def _layer_densities(net: _Network) -> dict[str, float]:
@@ -350,7 +387,8 @@ class SparseGANWrapper:
         Returns:
             The sample, or ``None`` when it was skipped (non-finite scores, zero denominator).
         """
-        return self.balance.add(d_real, d_fake_before, d_fake_after, step=self._networks["generator"].steps)
+        values = [float(torch.as_tensor(v).detach().float().mean()) for v in (d_real, d_fake_before, d_fake_after)]
+        return self.balance.add(*all_reduce_mean(values), step=self._networks["generator"].steps)
 
     @property
     def balance_ratio(self) -> float | None:
