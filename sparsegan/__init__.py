@@ -15,6 +15,7 @@ Public API: :class:`SparseGANWrapper`, :func:`discover`, :mod:`sparsegan.strateg
 
 from sparsegan import criteria, distributions, schedules, strategies
 from sparsegan.discovery import DiscoveryError, DiscoveryResult, SkippedParameter, WeightRecord, discover
+from sparsegan.export import load_sparse, save_sparse
 from sparsegan.masks import MaskedWeights, MaskStateError
 from sparsegan.wrapper import SparseGANWrapper, WrapperStateError
 
@@ -28,6 +29,8 @@ __all__ = [
     "DiscoveryResult",
     "WeightRecord",
     "SkippedParameter",
+    "save_sparse",
+    "load_sparse",
     "MaskedWeights",
     "MaskStateError",
     "strategies",

@@ -1,7 +1,8 @@
 """Masks of one network: bool masks over its kernel weights, enforced in place.
 
-Enforcement multiplies every masked parameter by its mask with one fused
-``torch._foreach_mul_`` call. Parameters are masked in place, so the forward pass computes with
+Enforcement sets the inactive entries of every masked parameter to exactly zero in place
+(``torch.where(mask, param, 0, out=param)``, which also clears NaN/inf, unlike a multiply).
+Parameters are masked in place, so the forward pass computes with
 zeros and ``param.grad`` is the dense gradient (what gradient-based regrowth needs). Masks are
 ``torch.bool`` (one byte per weight).
 
@@ -68,21 +69,29 @@ class MaskedWeights:
             else self._checked(masks)
         )
         self._versions: list[int] = [-1] * len(self.params)
+        self._zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ enforcement
 
     def apply_(self) -> None:
-        """Zero every inactive weight in place (one fused multiply) and remember the versions."""
-        if not self.params:
-            return
+        """Set every inactive weight to exactly 0 in place and remember the parameter versions.
+
+        ``torch.where`` (not a multiply) so that a NaN or inf reaching an inactive position (a
+        diverged step) is still zeroed: ``nan * 0`` would leave the mask silently violated.
+        """
         with torch.no_grad():
-            try:
-                torch._foreach_mul_(self.params, self.masks)
-            except RuntimeError:
-                # The module was moved to another device or dtype after wrapping.
-                self.masks = [m.to(p.device) for m, p in zip(self.masks, self.params)]
-                torch._foreach_mul_(self.params, self.masks)
+            for i, (param, mask) in enumerate(zip(self.params, self.masks)):
+                if mask.device != param.device:  # the module was moved after wrapping
+                    mask = self.masks[i] = mask.to(param.device)
+                torch.where(mask, param, self._zero(param), out=param)
         self._versions = [p._version for p in self.params]
+
+    def _zero(self, param: torch.Tensor) -> torch.Tensor:
+        key = (param.device, param.dtype)
+        zero = self._zeros.get(key)
+        if zero is None:
+            zero = self._zeros[key] = torch.zeros((), device=param.device, dtype=param.dtype)
+        return zero
 
     def stale(self) -> bool:
         """Whether a masked parameter changed since the last :meth:`apply_` (e.g. a weight load)."""

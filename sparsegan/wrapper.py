@@ -512,6 +512,24 @@ class SparseGANWrapper:
             net.mask_updates = int(saved.get("mask_updates", 0))
             net.generator.set_state(saved["rng"])
 
+    def finalize(self) -> tuple[nn.Module, nn.Module]:
+        """Bake the masks into the weights, remove every hook and return the plain modules.
+
+        The returned generator and discriminator are the user's own (unwrapped) modules; their
+        ``state_dict`` keys are unchanged, so it loads into a fresh, unwrapped instance of the same
+        architecture. Save them compactly with :func:`sparsegan.save_sparse`.
+        """
+        self.apply_masks()
+        self.remove()
+        return self._networks["generator"].module, self._networks["discriminator"].module
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a SparseGANWrapper cannot be pickled or deep-copied: it owns hooks on live modules and "
+            "optimizers. Save sg.state_dict() next to the models' and optimizers' state dicts, and "
+            "wrap the restored models again."
+        )
+
     def remove(self) -> None:
         """Remove every hook. Weights stay as they are (inactive ones remain 0)."""
         for net in self._networks.values():

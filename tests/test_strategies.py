@@ -13,7 +13,7 @@ from torch import nn
 from sparsegan import SparseGANWrapper, strategies
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, UpdateSchedule
-from sparsegan.strategies import DST, Dense, DynamicSparsity, Static, StaticSparsity
+from sparsegan.strategies import DST, SDST, Dense, DynamicSparsity, Static, StaticSparsity
 from tests.conftest import LATENT, ConvDiscriminator, ConvGenerator, adam, assert_masks_hold, mlp_gan, train
 
 # ---------------------------------------------------------------------------- registry
@@ -215,10 +215,12 @@ def _run(strategy, steps_before: int, steps_after: int, checkpoint: bool):
 
 
 @pytest.mark.parametrize("strategy", [
+    Dense(),
     Static(0.3, 0.3),
+    SDST(0.3, 0.5, update_every=15, total_steps=45),
     DST(0.3, 0.3, update_every=15, grow="random"),
     DST(0.3, 0.3, update_every=15, grow="gradient", scope="layer"),
-], ids=["static", "dst-random", "dst-gradient-layer"])
+], ids=["dense", "static", "sdst", "dst-random", "dst-gradient-layer"])
 def test_state_dict_round_trip_continues_bit_identically(strategy) -> None:
     # 20 iterations, checkpoint, 25 more: mask updates happen before and after the checkpoint
     G_a, D_a, sg_a = _run(strategy, 20, 25, checkpoint=False)
