@@ -18,6 +18,7 @@ __all__ = [
     "first_batch_size",
     "named_parameters_with_aliases",
     "format_table",
+    "unwrap_optimizer",
 ]
 
 
@@ -43,6 +44,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             break
     return model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside framework wrappers (Lightning's ``LightningOptimizer``,
+    Accelerate's ``AcceleratedOptimizer``), whose ``step`` the wrapper's hooks must follow."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            optimizer = inner
+        else:
+            break
+    return optimizer
 
 
 def named_parameters_with_aliases(module: nn.Module) -> dict[int, list[str]]:

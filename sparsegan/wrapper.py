@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model
+from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model, unwrap_optimizer
 from sparsegan.balance import BalanceProbe, BalanceRatio
 from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
@@ -169,7 +169,7 @@ class SparseGANWrapper:
         if not isinstance(self.strategy, Strategy):
             raise TypeError(f"strategy must be a sparsegan.strategies.Strategy or a name, got {type(strategy).__name__}")
         modules = {"generator": unwrap_model(generator), "discriminator": unwrap_model(discriminator)}
-        optimizers = {"generator": g_optimizer, "discriminator": d_optimizer}
+        optimizers = {"generator": unwrap_optimizer(g_optimizer), "discriminator": unwrap_optimizer(d_optimizer)}
         for net in NETWORKS:
             if not isinstance(optimizers[net], torch.optim.Optimizer):
                 raise TypeError(f"{net[0]}_optimizer must be a torch.optim.Optimizer, got {type(optimizers[net]).__name__}")
@@ -178,7 +178,7 @@ class SparseGANWrapper:
                     f"the {net} is already wrapped by another SparseGANWrapper; call .remove() on "
                     "that wrapper first (wrapping twice would enforce two sets of masks)"
                 )
-        if g_optimizer is d_optimizer:
+        if optimizers["generator"] is optimizers["discriminator"]:
             raise ValueError("g_optimizer and d_optimizer are the same object; GAN training needs one optimizer per network")
         if modules["generator"] is modules["discriminator"]:
             raise ValueError("generator and discriminator are the same module")
