@@ -36,10 +36,26 @@ from typing import Any, Union
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from sparsegan.dataflow import (
+    BINARY_PASS,
+    Flow,
+    MATMUL_LIKE,
+    MODULE_KERNELS,
+    MODULE_REASONS,
+    SIZE_PRESERVING,
+    Use,
+    base_type,
+    flat_slots,
+    is_norm_module,
+    kernel_weight_of,
+    kernel_macs,
+    module_kernels,
+    op_name,
+    propagate,
+)
 from sparsegan._utils import (
     as_args,
     first_batch_size,
@@ -177,242 +193,11 @@ class DiscoveryResult:
         return self.report()
 
 
-# --------------------------------------------------------------------------------------------
-# Op vocabulary (shared by the three methods)
-# --------------------------------------------------------------------------------------------
-
-_CONV_LIKE = {
-    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "convolution", "conv_tbc",
-}
-_LINEAR_LIKE = {"linear", "bilinear"}
-_MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "addbmm", "tensordot"}
-# Ops whose slot 0 is an additive input (bias), not a product operand.
-_ADD_FIRST = {"addmm", "baddbmm", "addbmm"}
-_WEIGHT_SLOT = {"conv_tbc": 1, "bilinear": 2}
-_CONSUMERS = {
-    "embedding": "embedding table",
-    "embedding_bag": "embedding table",
-    "batch_norm": "normalization affine parameter",
-    "layer_norm": "normalization affine parameter",
-    "group_norm": "normalization affine parameter",
-    "instance_norm": "normalization affine parameter",
-    "rms_norm": "normalization affine parameter",
-    "native_batch_norm": "normalization affine parameter",
-    "native_layer_norm": "normalization affine parameter",
-    "native_group_norm": "normalization affine parameter",
-    "prelu": "activation parameter",
-}
-_NORM_INPUT_PASSES = {
-    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
-    "native_batch_norm", "native_layer_norm", "native_group_norm", "normalize",
-}
-_UNARY_PASS = {
-    "reshape", "view", "view_as", "unsafe_view", "permute", "transpose", "t", "flatten",
-    "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "contiguous", "clone",
-    "to", "to_copy", "type", "float", "half", "bfloat16", "double", "getitem", "select", "narrow",
-    "slice", "chunk", "split", "split_with_sizes", "unbind", "flip", "neg", "alias",
-    "lift_fresh_copy", "movedim", "swapaxes", "mT", "conj", "resolve_conj", "resolve_neg",
-}
-_SIZE_PRESERVING = {
-    "reshape", "view", "view_as", "permute", "transpose", "t", "flatten", "unflatten",
-    "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "double", "neg", "movedim",
-}
-_BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
-_REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
-             "rmatmul": "matmul"}
-
-
-def op_name(target: Any) -> str:
-    """Normalise an fx / aten / torch-function target to a short op name (``"conv2d"``, ``"mul"``)."""
-    if isinstance(target, str):
-        name = target
-    elif isinstance(target, torch._ops.OpOverload):
-        name = target.overloadpacket.__name__
-    elif isinstance(target, torch._ops.OpOverloadPacket):
-        name = target.__name__
-    else:
-        name = getattr(target, "__name__", None) or str(target)
-    name = name.strip("_")
-    return _REVERSED.get(name, name)
-
-
-def _kernel_family(op: str) -> str | None:
-    if op in _CONV_LIKE:
-        return "conv"
-    if op in _LINEAR_LIKE:
-        return "linear"
-    if op in _MATMUL_LIKE:
-        return "matmul"
-    return None
-
-
-def _is_weight_slot(op: str, slot: int | str) -> bool:
-    family = _kernel_family(op)
-    if family == "matmul":
-        return not (op in _ADD_FIRST and slot in (0, "input", "self"))
-    if slot == "weight":
-        return True
-    return slot == _WEIGHT_SLOT.get(op, 1)
-
-
-def _kernel_op_label(op: str, weight_ndim: int | None, transposed: bool = False) -> str:
-    if op in ("convolution", "conv_tbc"):
-        nd = (weight_ndim or 4) - 2
-        return f"conv_transpose{nd}d" if transposed else f"conv{nd}d"
-    return op
-
-
-# --------------------------------------------------------------------------------------------
-# Dataflow propagation shared by fx and export
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Use:
-    op: str
-    via: tuple[str, ...]
-    macs: int | None = None
-
-
-class _Flow:
-    """Collects, per parameter id, kernel uses and the first non-kernel consumer."""
-
-    def __init__(self) -> None:
-        self.uses: dict[int, list[_Use]] = {}
-        self.reasons: dict[int, str] = {}
-
-    def use(self, pid: int, op: str, via: tuple[str, ...], macs: int | None = None) -> None:
-        self.uses.setdefault(pid, []).append(_Use(op, via, macs))
-
-    def consumed(self, pid: int, reason: str) -> None:
-        self.reasons.setdefault(pid, reason)
-
-
-def _flat_slots(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int | str, Any]]:
-    slots: list[tuple[int | str, Any]] = []
-    for i, arg in enumerate(args):
-        for leaf in pytree.tree_leaves(arg):
-            slots.append((i, leaf))
-    for key, arg in kwargs.items():
-        for leaf in pytree.tree_leaves(arg):
-            slots.append((key, leaf))
-    return slots
-
-
-def _propagate(
-    flow: _Flow,
-    op: str,
-    slots: list[tuple[int | str, Any]],
-    tracked: Callable[[Any], list[tuple[int, tuple[str, ...]]]],
-    numel: Callable[[Any], int | None],
-    weight_ndim: Callable[[Any], int | None],
-    transposed: bool = False,
-) -> list[tuple[int, tuple[str, ...]]]:
-    """Apply one op to the tracking state; return the (param id, via) pairs its output carries."""
-    family = _kernel_family(op)
-    if family is not None:
-        for slot, value in slots:
-            for pid, via in tracked(value):
-                if _is_weight_slot(op, slot):
-                    flow.use(pid, _kernel_op_label(op, weight_ndim(value), transposed), via)
-                elif slot in (2, "bias") and family != "matmul":
-                    flow.consumed(pid, f"bias of {_kernel_op_label(op, None, transposed)}")
-                else:
-                    flow.consumed(pid, f"input of {_kernel_op_label(op, None, transposed)}, not its weight")
-        return []
-    if op in _CONSUMERS or op in _NORM_INPUT_PASSES:
-        out: list[tuple[int, tuple[str, ...]]] = []
-        for slot, value in slots:
-            for pid, via in tracked(value):
-                if slot in (0, "input") and op in _NORM_INPUT_PASSES:
-                    out.append((pid, via + (op,)))
-                else:
-                    flow.consumed(pid, _CONSUMERS.get(op, f"used by {op}"))
-        return out
-    if op in _UNARY_PASS:
-        first = next((v for s, v in slots if s in (0, "input", "self")), None)
-        return [(pid, via + (op,)) for pid, via in tracked(first)] if first is not None else []
-    if op in _BINARY_PASS:
-        sizes = [numel(v) for _, v in slots]
-        known = [s for s in sizes if s is not None]
-        largest = max(known) if known else None
-        out = []
-        for (slot, value), size in zip(slots, sizes):
-            for pid, via in tracked(value):
-                if size is not None and largest is not None and size < largest:
-                    kind = "added to" if op in ("add", "sub") else "scales"
-                    flow.consumed(pid, f"{kind} a larger tensor in {op} (a learned scale, offset or constant)")
-                else:
-                    out.append((pid, via + (op,)))
-        return out
-    for _, value in slots:
-        for pid, _via in tracked(value):
-            flow.consumed(pid, f"used by {op}")
-    return []
-
-
-# --------------------------------------------------------------------------------------------
-# Module-level knowledge (fx leaves)
-# --------------------------------------------------------------------------------------------
-
-_MODULE_KERNELS: dict[type, str] = {
-    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
-    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
-    nn.ConvTranspose3d: "conv_transpose3d", nn.Linear: "linear", nn.Bilinear: "bilinear",
-    nn.modules.linear.NonDynamicallyQuantizableLinear: "linear",
-}
-_MODULE_REASONS: dict[type, str] = {
-    nn.Embedding: "embedding table", nn.EmbeddingBag: "embedding table",
-    nn.PReLU: "activation parameter",
-}
-
-
-def _base_type(module: nn.Module) -> type:
-    cls = type(module)
-    if parametrize.is_parametrized(module):
-        cls = cls.__bases__[0]
-    return cls
-
-
-def _kernel_weight_of(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
-    """The local name of the parameter behind ``module.weight`` and the transforms in between."""
-    if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations["weight"]
-        if "original" in plist._parameters:
-            names = tuple(type(p).__name__.lstrip("_").lower() for p in plist)
-            return "parametrizations.weight.original", names
-        return None
-    if "weight_orig" in module._parameters and "weight" not in module._parameters:
-        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
-        label = "spectral_norm" if "SpectralNorm" in hooks else "weight hook"
-        return "weight_orig", (label,)
-    if module._parameters.get("weight") is not None:
-        return "weight", ()
-    return None
-
-
-def _is_norm_module(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-                               nn.LocalResponseNorm)) or type(module).__name__.endswith("Norm")
-
-
-def _module_kernels(module: nn.Module) -> dict[int, tuple[str, tuple[str, ...]]]:
-    """``id(param) -> (op, via)`` for the weights of every conv/linear module, by module type."""
-    found: dict[int, tuple[str, tuple[str, ...]]] = {}
-    for sub in module.modules():
-        kernel = _MODULE_KERNELS.get(_base_type(sub))
-        weight = _kernel_weight_of(sub) if kernel is not None else None
-        if weight is not None:
-            found[id(sub.get_parameter(weight[0]))] = (kernel, weight[1])  # type: ignore[assignment]
-    return found
-
-
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps kernel modules and hooked modules opaque (their hooks must run)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _base_type(m) in _MODULE_KERNELS or isinstance(m, nn.MultiheadAttention):
+        if base_type(m) in MODULE_KERNELS or isinstance(m, nn.MultiheadAttention):
             return True
         if module_qualified_name and (m._forward_pre_hooks or m._forward_hooks):
             return True
@@ -424,11 +209,11 @@ class _LeafTracer(fx.Tracer):
 # --------------------------------------------------------------------------------------------
 
 
-def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[_Flow, fx.GraphModule, list[str]]:
+def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[Flow, fx.GraphModule, list[str]]:
     tracer = _LeafTracer()
     graph = tracer.trace(module, concrete_args=concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-    flow = _Flow()
+    flow = Flow()
     hidden: list[str] = []
     values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     shapes: dict[str, int] = {}
@@ -451,30 +236,30 @@ def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[_
             shapes[node.name] = obj.numel()
         elif node.op in ("call_function", "call_method"):
             op = op_name(node.target)
-            slots = _flat_slots(node.args, node.kwargs)
-            out = _propagate(flow, op, slots, tracked, numel, lambda v: None)
+            slots = flat_slots(node.args, node.kwargs)
+            out = propagate(flow, op, slots, tracked, numel, lambda v: None)
             if out:
                 values[node.name] = out
             # Without shapes, carry parameter sizes through size-preserving ops so that a small
             # learned gain can still be told from the kernel it scales.
             sizes = [numel(v) for _, v in slots if isinstance(v, fx.Node)]
-            if op in _BINARY_PASS and any(s is not None for s in sizes):
+            if op in BINARY_PASS and any(s is not None for s in sizes):
                 shapes[node.name] = max(s for s in sizes if s is not None)
-            elif op in _SIZE_PRESERVING and sizes and sizes[0] is not None:
+            elif op in SIZE_PRESERVING and sizes and sizes[0] is not None:
                 shapes[node.name] = sizes[0]
         elif node.op == "call_module":
             sub = module.get_submodule(node.target)
-            for _slot, value in _flat_slots(node.args, node.kwargs):
+            for _slot, value in flat_slots(node.args, node.kwargs):
                 for pid, _via in tracked(value):
                     flow.consumed(pid, f"input of module {node.target} ({type(sub).__name__})")
             _leaf_params(flow, sub, node.target, hidden)
     return flow, gm, hidden
 
 
-def _leaf_params(flow: _Flow, sub: nn.Module, path: str, hidden: list[str]) -> None:
+def _leaf_params(flow: Flow, sub: nn.Module, path: str, hidden: list[str]) -> None:
     """Record what an opaque (leaf) module does with its own parameters."""
     prefix = path + "." if path else ""
-    kernel = _MODULE_KERNELS.get(_base_type(sub))
+    kernel = MODULE_KERNELS.get(base_type(sub))
     used: set[int] = set()
     if isinstance(sub, nn.MultiheadAttention):
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -485,7 +270,7 @@ def _leaf_params(flow: _Flow, sub: nn.Module, path: str, hidden: list[str]) -> N
         flow.use(id(sub.out_proj.weight), "linear", ())
         used.add(id(sub.out_proj.weight))
     elif kernel is not None:
-        found = _kernel_weight_of(sub)
+        found = kernel_weight_of(sub)
         if found is not None:
             param = sub.get_parameter(found[0])
             flow.use(id(param), kernel, found[1])
@@ -493,9 +278,9 @@ def _leaf_params(flow: _Flow, sub: nn.Module, path: str, hidden: list[str]) -> N
     for name, param in sub.named_parameters():
         if id(param) in used:
             continue
-        if type(sub) in _MODULE_REASONS:
-            reason = _MODULE_REASONS[type(sub)]
-        elif _is_norm_module(sub):
+        if type(sub) in MODULE_REASONS:
+            reason = MODULE_REASONS[type(sub)]
+        elif is_norm_module(sub):
             reason = "normalization affine parameter"
         elif name.split(".")[-1].startswith("bias"):
             reason = f"bias of {kernel or type(sub).__name__}"
@@ -523,11 +308,11 @@ def _quiet_torch() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Flow:
+def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Flow:
     with _quiet_torch():
         exported = torch.export.export(module, args, kwargs=kwargs or None, strict=False)
     sig = exported.graph_signature
-    flow = _Flow()
+    flow = Flow()
     values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     for placeholder, fqn in sig.inputs_to_parameters.items():
         values[placeholder] = [(id(module.get_parameter(fqn)), ())]
@@ -554,7 +339,7 @@ def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             continue
         op = op_name(node.target)
         transposed = op == "convolution" and len(node.args) > 6 and bool(node.args[6])
-        out = _propagate(flow, op, _flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed)
+        out = propagate(flow, op, flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed)
         if out:
             values[node.name] = out
     return flow
@@ -565,7 +350,7 @@ class _RuntimeRecorder(TorchFunctionMode):
 
     def __init__(self, params: Mapping[int, torch.Tensor]) -> None:
         super().__init__()
-        self.flow = _Flow()
+        self.flow = Flow()
         self.values: dict[int, list[tuple[int, tuple[str, ...]]]] = {pid: [(pid, ())] for pid in params}
         self.keepalive: list[torch.Tensor] = []
 
@@ -578,7 +363,7 @@ class _RuntimeRecorder(TorchFunctionMode):
         if not torch.is_grad_enabled():
             return out  # e.g. a spectral-norm power iteration: not a trained use of the weight
         op = op_name(func)
-        slots = _flat_slots(args, kwargs)
+        slots = flat_slots(args, kwargs)
         if not any(self._tracked(v) for _, v in slots):
             return out
         transposed = op == "convolution" and len(args) > 6 and bool(args[6])
@@ -592,40 +377,17 @@ class _RuntimeRecorder(TorchFunctionMode):
             return v.dim() if isinstance(v, torch.Tensor) else None
 
         before = {pid: len(u) for pid, u in self.flow.uses.items()}
-        carried = _propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed)
-        macs = _macs(op, args, kwargs, out, transposed)
+        carried = propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed)
+        cost = kernel_macs(op, args, kwargs, out, transposed)
         for pid, uses in self.flow.uses.items():
             for use in uses[before.get(pid, 0):]:
-                use.macs = macs
+                use.macs = cost
         if carried:
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
                     self.values[id(leaf)] = carried
                     self.keepalive.append(leaf)
         return out
-
-
-def _macs(op: str, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any, transposed: bool) -> int | None:
-    """Dense multiply-accumulates of one kernel call, from its actual tensors."""
-    family = _kernel_family(op)
-    if family is None or not isinstance(out, torch.Tensor):
-        return None
-    tensors = [v for _, v in _flat_slots(args, kwargs) if isinstance(v, torch.Tensor)]
-    if family == "conv":
-        if len(tensors) < 2:
-            return None
-        x, w = tensors[0], tensors[1]
-        if transposed or op.startswith("conv_transpose"):
-            return x.numel() * w.shape[1] * math.prod(w.shape[2:])
-        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
-    if op == "linear":
-        return out.numel() * tensors[1].shape[-1] if len(tensors) >= 2 else None
-    if op == "bilinear":
-        return out.numel() * tensors[2].shape[1] * tensors[2].shape[2] if len(tensors) >= 3 else None
-    if op in ("matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"):
-        a = tensors[1] if op in _ADD_FIRST else tensors[0]
-        return out.numel() * (a.shape[-1] if a.dim() else 1)
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,7 +473,7 @@ def discover(
             reference.update(flow=recorder.flow, output=output)
         return reference
 
-    chosen: tuple[str, _Flow] | None = None
+    chosen: tuple[str, Flow] | None = None
     for method in methods:
         try:
             if method == "fx":
@@ -773,14 +535,14 @@ def _records(
     module: nn.Module,
     aliases: Mapping[int, list[str]],
     params: Mapping[int, torch.Tensor],
-    flow: _Flow,
+    flow: Flow,
     method: str,
-    macs_flow: _Flow | None,
+    macs_flow: Flow | None,
     batch: int,
 ) -> tuple[list[WeightRecord], list[SkippedParameter]]:
     weights: list[WeightRecord] = []
     skipped: list[SkippedParameter] = []
-    by_module_type = _module_kernels(module)
+    by_module_type = module_kernels(module)
     for pid, names in aliases.items():
         param = params[pid]
         shape = tuple(param.shape)
@@ -791,7 +553,7 @@ def _records(
             # Not reached on the example input (a data-dependent branch), but a conv/linear
             # module's weight by construction.
             op, via = by_module_type[pid]
-            primary = [_Use(op, via)]
+            primary = [Use(op, via)]
             method_used = f"{method}+module type"
         else:
             method_used = method
@@ -814,7 +576,7 @@ def _records(
 
 
 def _is_matmul_label(op: str) -> bool:
-    return op in _MATMUL_LIKE
+    return op in MATMUL_LIKE
 
 
 def _apply_filters(

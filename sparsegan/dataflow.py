@@ -1,0 +1,278 @@
+"""Dataflow vocabulary shared by the discovery methods: which ops are kernels, which pass a weight
+through, and how one op moves the tracking state.
+
+Every method (fx graph, export graph, runtime record) reduces its ops to a normalised name
+(:func:`op_name`) and a list of argument *slots*; :func:`propagate` then decides whether a tracked
+parameter reaches a kernel's weight operand, passes through to the op's output, or is consumed
+(with a reason for the report).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
+
+__all__ = [
+    "op_name", "flat_slots", "propagate", "kernel_macs", "kernel_family", "Flow", "Use",
+    "MODULE_KERNELS", "MODULE_REASONS", "base_type", "kernel_weight_of", "is_norm_module", "module_kernels",
+]
+# --------------------------------------------------------------------------------------------
+# Op vocabulary (shared by the three methods)
+# --------------------------------------------------------------------------------------------
+
+_CONV_LIKE = {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "convolution", "conv_tbc",
+}
+_LINEAR_LIKE = {"linear", "bilinear"}
+MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "addbmm", "tensordot"}
+# Ops whose slot 0 is an additive input (bias), not a product operand.
+_ADD_FIRST = {"addmm", "baddbmm", "addbmm"}
+_WEIGHT_SLOT = {"conv_tbc": 1, "bilinear": 2}
+_CONSUMERS = {
+    "embedding": "embedding table",
+    "embedding_bag": "embedding table",
+    "batch_norm": "normalization affine parameter",
+    "layer_norm": "normalization affine parameter",
+    "group_norm": "normalization affine parameter",
+    "instance_norm": "normalization affine parameter",
+    "rms_norm": "normalization affine parameter",
+    "native_batch_norm": "normalization affine parameter",
+    "native_layer_norm": "normalization affine parameter",
+    "native_group_norm": "normalization affine parameter",
+    "prelu": "activation parameter",
+}
+_NORM_INPUT_PASSES = {
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+    "native_batch_norm", "native_layer_norm", "native_group_norm", "normalize",
+}
+_UNARY_PASS = {
+    "reshape", "view", "view_as", "unsafe_view", "permute", "transpose", "t", "flatten",
+    "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "contiguous", "clone",
+    "to", "to_copy", "type", "float", "half", "bfloat16", "double", "getitem", "select", "narrow",
+    "slice", "chunk", "split", "split_with_sizes", "unbind", "flip", "neg", "alias",
+    "lift_fresh_copy", "movedim", "swapaxes", "mT", "conj", "resolve_conj", "resolve_neg",
+}
+SIZE_PRESERVING = {
+    "reshape", "view", "view_as", "permute", "transpose", "t", "flatten", "unflatten",
+    "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "double", "neg", "movedim",
+}
+BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
+_REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
+             "rmatmul": "matmul"}
+
+
+def op_name(target: Any) -> str:
+    """Normalise an fx / aten / torch-function target to a short op name (``"conv2d"``, ``"mul"``)."""
+    if isinstance(target, str):
+        name = target
+    elif isinstance(target, torch._ops.OpOverload):
+        name = target.overloadpacket.__name__
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = target.__name__
+    else:
+        name = getattr(target, "__name__", None) or str(target)
+    name = name.strip("_")
+    return _REVERSED.get(name, name)
+
+
+def _kernel_family(op: str) -> str | None:
+    if op in _CONV_LIKE:
+        return "conv"
+    if op in _LINEAR_LIKE:
+        return "linear"
+    if op in MATMUL_LIKE:
+        return "matmul"
+    return None
+
+
+def _is_weight_slot(op: str, slot: int | str) -> bool:
+    family = _kernel_family(op)
+    if family == "matmul":
+        return not (op in _ADD_FIRST and slot in (0, "input", "self"))
+    if slot == "weight":
+        return True
+    return slot == _WEIGHT_SLOT.get(op, 1)
+
+
+def _kernel_op_label(op: str, weight_ndim: int | None, transposed: bool = False) -> str:
+    if op in ("convolution", "conv_tbc"):
+        nd = (weight_ndim or 4) - 2
+        return f"conv_transpose{nd}d" if transposed else f"conv{nd}d"
+    return op
+
+
+# --------------------------------------------------------------------------------------------
+# Dataflow propagation shared by fx and export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Use:
+    op: str
+    via: tuple[str, ...]
+    macs: int | None = None
+
+
+class Flow:
+    """Collects, per parameter id, kernel uses and the first non-kernel consumer."""
+
+    def __init__(self) -> None:
+        self.uses: dict[int, list[Use]] = {}
+        self.reasons: dict[int, str] = {}
+
+    def use(self, pid: int, op: str, via: tuple[str, ...], macs: int | None = None) -> None:
+        self.uses.setdefault(pid, []).append(Use(op, via, macs))
+
+    def consumed(self, pid: int, reason: str) -> None:
+        self.reasons.setdefault(pid, reason)
+
+
+def flat_slots(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int | str, Any]]:
+    slots: list[tuple[int | str, Any]] = []
+    for i, arg in enumerate(args):
+        for leaf in pytree.tree_leaves(arg):
+            slots.append((i, leaf))
+    for key, arg in kwargs.items():
+        for leaf in pytree.tree_leaves(arg):
+            slots.append((key, leaf))
+    return slots
+
+
+def propagate(
+    flow: Flow,
+    op: str,
+    slots: list[tuple[int | str, Any]],
+    tracked: Callable[[Any], list[tuple[int, tuple[str, ...]]]],
+    numel: Callable[[Any], int | None],
+    weight_ndim: Callable[[Any], int | None],
+    transposed: bool = False,
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Apply one op to the tracking state; return the (param id, via) pairs its output carries."""
+    family = _kernel_family(op)
+    if family is not None:
+        for slot, value in slots:
+            for pid, via in tracked(value):
+                if _is_weight_slot(op, slot):
+                    flow.use(pid, _kernel_op_label(op, weight_ndim(value), transposed), via)
+                elif slot in (2, "bias") and family != "matmul":
+                    flow.consumed(pid, f"bias of {_kernel_op_label(op, None, transposed)}")
+                else:
+                    flow.consumed(pid, f"input of {_kernel_op_label(op, None, transposed)}, not its weight")
+        return []
+    if op in _CONSUMERS or op in _NORM_INPUT_PASSES:
+        out: list[tuple[int, tuple[str, ...]]] = []
+        for slot, value in slots:
+            for pid, via in tracked(value):
+                if slot in (0, "input") and op in _NORM_INPUT_PASSES:
+                    out.append((pid, via + (op,)))
+                else:
+                    flow.consumed(pid, _CONSUMERS.get(op, f"used by {op}"))
+        return out
+    if op in _UNARY_PASS:
+        first = next((v for s, v in slots if s in (0, "input", "self")), None)
+        return [(pid, via + (op,)) for pid, via in tracked(first)] if first is not None else []
+    if op in BINARY_PASS:
+        sizes = [numel(v) for _, v in slots]
+        known = [s for s in sizes if s is not None]
+        largest = max(known) if known else None
+        out = []
+        for (slot, value), size in zip(slots, sizes):
+            for pid, via in tracked(value):
+                if size is not None and largest is not None and size < largest:
+                    kind = "added to" if op in ("add", "sub") else "scales"
+                    flow.consumed(pid, f"{kind} a larger tensor in {op} (a learned scale, offset or constant)")
+                else:
+                    out.append((pid, via + (op,)))
+        return out
+    for _, value in slots:
+        for pid, _via in tracked(value):
+            flow.consumed(pid, f"used by {op}")
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Module-level knowledge (fx leaves)
+# --------------------------------------------------------------------------------------------
+
+MODULE_KERNELS: dict[type, str] = {
+    nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+    nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d", nn.Linear: "linear", nn.Bilinear: "bilinear",
+    nn.modules.linear.NonDynamicallyQuantizableLinear: "linear",
+}
+MODULE_REASONS: dict[type, str] = {
+    nn.Embedding: "embedding table", nn.EmbeddingBag: "embedding table",
+    nn.PReLU: "activation parameter",
+}
+
+
+def base_type(module: nn.Module) -> type:
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls
+
+
+def kernel_weight_of(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """The local name of the parameter behind ``module.weight`` and the transforms in between."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        if "original" in plist._parameters:
+            names = tuple(type(p).__name__.lstrip("_").lower() for p in plist)
+            return "parametrizations.weight.original", names
+        return None
+    if "weight_orig" in module._parameters and "weight" not in module._parameters:
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        label = "spectral_norm" if "SpectralNorm" in hooks else "weight hook"
+        return "weight_orig", (label,)
+    if module._parameters.get("weight") is not None:
+        return "weight", ()
+    return None
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                               nn.LocalResponseNorm)) or type(module).__name__.endswith("Norm")
+
+
+def module_kernels(module: nn.Module) -> dict[int, tuple[str, tuple[str, ...]]]:
+    """``id(param) -> (op, via)`` for the weights of every conv/linear module, by module type."""
+    found: dict[int, tuple[str, tuple[str, ...]]] = {}
+    for sub in module.modules():
+        kernel = MODULE_KERNELS.get(base_type(sub))
+        weight = kernel_weight_of(sub) if kernel is not None else None
+        if weight is not None:
+            found[id(sub.get_parameter(weight[0]))] = (kernel, weight[1])  # type: ignore[assignment]
+    return found
+
+
+
+def kernel_macs(op: str, args: Sequence[Any], kwargs: Mapping[str, Any], out: Any, transposed: bool) -> int | None:
+    """Dense multiply-accumulates of one kernel call, from its actual tensors."""
+    family = _kernel_family(op)
+    if family is None or not isinstance(out, torch.Tensor):
+        return None
+    tensors = [v for _, v in flat_slots(args, kwargs) if isinstance(v, torch.Tensor)]
+    if family == "conv":
+        if len(tensors) < 2:
+            return None
+        x, w = tensors[0], tensors[1]
+        if transposed or op.startswith("conv_transpose"):
+            return x.numel() * w.shape[1] * math.prod(w.shape[2:])
+        return out.numel() * w.shape[1] * math.prod(w.shape[2:])
+    if op == "linear":
+        return out.numel() * tensors[1].shape[-1] if len(tensors) >= 2 else None
+    if op == "bilinear":
+        return out.numel() * tensors[2].shape[1] * tensors[2].shape[2] if len(tensors) >= 3 else None
+    if op in ("matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm"):
+        a = tensors[1] if op in _ADD_FIRST else tensors[0]
+        return out.numel() * (a.shape[-1] if a.dim() else 1)
+    return None
