@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 __all__ = [
-    "op_name", "flat_slots", "propagate", "kernel_macs", "kernel_family", "Flow", "Use",
+    "op_name", "flat_slots", "propagate", "kernel_macs", "Flow", "Use",
     "MODULE_KERNELS", "MODULE_REASONS", "base_type", "kernel_weight_of", "is_norm_module", "module_kernels",
 ]
 # --------------------------------------------------------------------------------------------
