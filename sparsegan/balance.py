@@ -188,6 +188,9 @@ class BalanceProbe:
                     batch = next(self._iterator)
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
+        param = next(self.discriminator.parameters(), None)
+        if isinstance(batch, torch.Tensor) and param is not None and batch.device != param.device:
+            batch = batch.to(param.device, non_blocking=True)  # a CPU DataLoader feeding a GPU model
         return batch
 
     @staticmethod
