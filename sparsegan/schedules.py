@@ -179,11 +179,8 @@ class ConstantDropFraction:
 
 
 @dataclass(frozen=True)
-class CosineDropFraction:
-    """Cosine decay from ``initial`` at step 0 to ``final`` at ``total_steps``.
-
-    ``fraction(step) = final + (initial - final) * 0.5 * (1 + cos(pi * t / T))``
-    with ``t = min(step, T)`` and ``T = total_steps``; constant after ``T``.
+class _DecayingDropFraction:
+    """Shared fields, validation and end handling of the decaying schedules.
 
     Attributes:
         initial: Drop fraction at step 0, in ``[0, 1)``.
@@ -204,9 +201,14 @@ class CosineDropFraction:
             ValueError: If a fraction is outside ``[0, 1)`` or
                 ``total_steps <= 0``.
         """
-        _check_fraction(self.initial, "CosineDropFraction.initial")
-        _check_fraction(self.final, "CosineDropFraction.final")
-        _check_int(self.total_steps, "CosineDropFraction.total_steps", minimum=1)
+        name = type(self).__name__
+        _check_fraction(self.initial, f"{name}.initial")
+        _check_fraction(self.final, f"{name}.final")
+        _check_int(self.total_steps, f"{name}.total_steps", minimum=1)
+
+    def _remaining(self, progress: float) -> float:
+        """Share of ``initial - final`` left at ``progress`` in ``[0, 1)``."""
+        raise NotImplementedError
 
     def __call__(self, step: int) -> float:
         """Returns the drop fraction at ``step``.
@@ -218,54 +220,33 @@ class CosineDropFraction:
             The drop fraction.
         """
         t = min(_check_step(step), self.total_steps)
-        if t == self.total_steps:  # exact end value, free of cos() rounding
+        if t == self.total_steps:  # exact end value, free of rounding
             return float(self.final)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * t / self.total_steps))
-        return float(self.final + (self.initial - self.final) * cosine)
+        return float(self.final + (self.initial - self.final) * self._remaining(t / self.total_steps))
 
 
 @dataclass(frozen=True)
-class LinearDropFraction:
+class CosineDropFraction(_DecayingDropFraction):
+    """Cosine decay from ``initial`` at step 0 to ``final`` at ``total_steps``.
+
+    ``fraction(step) = final + (initial - final) * 0.5 * (1 + cos(pi * t / T))``
+    with ``t = min(step, T)`` and ``T = total_steps``; constant after ``T``.
+    """
+
+    def _remaining(self, progress: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LinearDropFraction(_DecayingDropFraction):
     """Linear decay from ``initial`` at step 0 to ``final`` at ``total_steps``.
 
     ``fraction(step) = initial + (final - initial) * min(step, T) / T`` with
     ``T = total_steps``; constant after ``T``.
-
-    Attributes:
-        initial: Drop fraction at step 0, in ``[0, 1)``.
-        total_steps: Number of steps of the decay (> 0).
-        final: Drop fraction from ``total_steps`` on, in ``[0, 1)``.
     """
 
-    initial: float
-    total_steps: int
-    final: float = 0.0
-
-    def __post_init__(self) -> None:
-        """Validates the fields.
-
-        Raises:
-            TypeError: If a field has the wrong type.
-            ValueError: If a fraction is outside ``[0, 1)`` or
-                ``total_steps <= 0``.
-        """
-        _check_fraction(self.initial, "LinearDropFraction.initial")
-        _check_fraction(self.final, "LinearDropFraction.final")
-        _check_int(self.total_steps, "LinearDropFraction.total_steps", minimum=1)
-
-    def __call__(self, step: int) -> float:
-        """Returns the drop fraction at ``step``.
-
-        Args:
-            step: Optimizer steps taken so far (>= 0).
-
-        Returns:
-            The drop fraction.
-        """
-        t = min(_check_step(step), self.total_steps)
-        if t == self.total_steps:
-            return float(self.final)
-        return float(self.initial + (self.final - self.initial) * t / self.total_steps)
+    def _remaining(self, progress: float) -> float:
+        return 1.0 - progress
 
 
 DROP_FRACTION_SCHEDULES: dict[str, Callable[..., DropFractionSchedule]] = {

@@ -22,6 +22,7 @@ import torch
 from sparsegan.balance import BalanceRatio
 from sparsegan.distributions import allocate, check_density, random_mask
 from sparsegan.masks import MaskedWeights
+from sparsegan.schedules import UpdateSchedule
 
 __all__ = [
     "NETWORKS",
@@ -86,9 +87,12 @@ class SparsityAlgorithm(abc.ABC):
         """
         return False
 
+    schedule: UpdateSchedule | None = None
+    """When :meth:`update` considers a change (``None``: never, as for static masks)."""
+
     def is_due(self, step: int) -> bool:
-        """Whether :meth:`update` would consider a change at ``step`` (False for static masks)."""
-        return False
+        """Whether :meth:`update` considers a change at ``step``."""
+        return self.schedule is not None and self.schedule.is_due(step)
 
     def state_dict(self) -> dict[str, Any]:
         """State that changes during training (none for most algorithms)."""

@@ -56,14 +56,10 @@ class ControlledDensity(SparsityAlgorithm):
         self.grow, self.prune = grow, prune
         self.grow_score, self.prune_score = get_score(grow, "grow"), get_score(prune, "prune")
 
-    def is_due(self, step: int) -> bool:
-        """Whether the controller is consulted at ``step``."""
-        return self.schedule.is_due(step)
-
     def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
                generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
         """Consult the controller when due and resize (or rewire) D's masks accordingly."""
-        if not self.schedule.is_due(step):
+        if not self.is_due(step):
             return False
         value = balance.value if balance is not None and len(balance) >= self.min_samples else None
         decision = self.controller.decide(value, step=step)

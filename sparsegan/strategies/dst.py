@@ -73,14 +73,10 @@ class DynamicSparsity(SparsityAlgorithm):
         self.schedule = update
         self.drop_fraction = drop_fraction
 
-    def is_due(self, step: int) -> bool:
-        """Whether the update schedule is due at ``step``."""
-        return self.schedule.is_due(step)
-
     def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
                generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
         """Prune and grow when the schedule says so (see the module docs)."""
-        if not self.schedule.is_due(step):
+        if not self.is_due(step):
             return False
         fraction = float(self.drop_fraction(step))
         moved = self.prune_and_grow(weights, optimizer, generator, fraction)
