@@ -149,6 +149,10 @@ class BalanceProbe:
             A tuple/list batch (image, label) gives D its first element.
         batch_size: Latents per sample; defaults to the real batch's size.
         seed: Seed of the probe's own random generator.
+
+    Limits: D is called with one argument (the image), so a conditional ``D(x, y)`` needs
+    :meth:`SparseGANWrapper.observe` instead; the probe runs G and D in whatever train/eval mode
+    they are in (BatchNorm batch statistics in training, as in the training step itself).
     """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: Callable[[int], Any],

@@ -192,7 +192,9 @@ class SparseEMA:
             # The EMA copy was moved since the masks were set: move them once.
             self._masks = {n: m.to(p.device) for (n, m), p in zip(self._masks.items(), params)}
             masks = list(self._masks.values())
-        torch._foreach_mul_(params, masks)
+        with torch.no_grad():  # where, not multiply: a NaN at a pruned position is still zeroed
+            for param, mask in zip(params, masks):
+                torch.where(mask, param, torch.zeros((), dtype=param.dtype, device=param.device), out=param)
 
     # ------------------------------------------------------------------ state
 

@@ -303,8 +303,8 @@ class SparseGANWrapper:
             if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
                 self._check_balance_source()
             due = net.algorithm.is_due(net.steps)
-            changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator,
-                                           balance=self.balance)
+            extra = {"balance": self.balance} if net.algorithm.needs_balance_ratio else {}
+            changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, **extra)
             if due and is_distributed():
                 changed = self._sync_masks(net) or changed
         if changed:

@@ -4,7 +4,8 @@ GANs in Lightning use manual optimization (``self.automatic_optimization = False
 ``opt.step()`` themselves; the wrapper's optimizer hooks sit on the underlying torch optimizers,
 so the module's ``training_step`` stays unchanged::
 
-    callback = SparseGANCallback(strategies.DDST(0.1, 0.1), latent=lambda n: torch.randn(n, 128))
+    callback = SparseGANCallback(strategies.DDST(0.1, 0.1), latent=lambda n: torch.randn(n, 128),
+                                 real=datamodule.train_dataloader())
     trainer = lightning.Trainer(callbacks=[callback])
     trainer.fit(gan_module, datamodule)
 

@@ -80,7 +80,8 @@ class SparsityAlgorithm(abc.ABC):
             weights: The network's masked weights (change them with ``weights.set_masks``).
             optimizer: The network's optimizer (grads and state are still in place).
             generator: The network's random generator.
-            balance: The wrapper's balance-ratio estimate (read by BR-controlled algorithms).
+            balance: The wrapper's balance-ratio estimate; passed only to algorithms that set
+                :attr:`needs_balance_ratio` (others may omit the keyword from their signature).
 
         Returns:
             Whether the masks changed.
