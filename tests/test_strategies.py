@@ -261,3 +261,26 @@ def test_invariants_hold_under_any_sequence_of_steps_and_updates(ops, density, g
             masks = sg.masks(net)
             assert all(m.dtype == torch.bool for m in masks.values())
             assert sum(int(m.sum()) for m in masks.values()) == counts[net]
+
+
+def test_custom_algorithm_without_the_balance_keyword() -> None:
+    class EveryStepCounter(StaticSparsity):
+        schedule = UpdateSchedule(every=1)
+
+        def __init__(self) -> None:
+            super().__init__(0.5, "uniform")
+            self.calls = 0
+
+        def update(self, step, weights, optimizer, generator):  # no balance= keyword
+            self.calls += 1
+            return False
+
+    class Counting(strategies.Strategy):
+        def build(self):
+            return {"generator": EveryStepCounter(), "discriminator": None}
+
+    G, D = mlp_gan()
+    g_opt, d_opt = adam(G), adam(D)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Counting())
+    train(G, D, g_opt, d_opt, 3, latent=8)
+    assert sg.algorithm("G").calls == 3
