@@ -1,0 +1,142 @@
+"""Discriminators built from `timm <https://github.com/huggingface/pytorch-image-models>`_ backbones.
+
+Any timm classifier becomes a GAN discriminator with one logit per image::
+
+    from sparsegan.adapters import timm as timm_adapter
+    D = timm_adapter.discriminator("resnet18", img_size=32)
+    sg = sparsegan.SparseGANWrapper(G, D, g_opt, d_opt, strategy=..., latent=...)
+
+The wrapper's discovery handles timm's quirks itself (functional weights in ``nfnet``'s
+``ScaledStdConv2d`` and ``eva02``'s fused qkv, models whose root fx cannot trace, ``hiera``'s
+optional ``mask`` argument); this module only builds the model:
+
+* ``num_classes=1`` gives the single logit; weights are never downloaded unless you pass
+  ``pretrained=True`` yourself;
+* ``img_size`` is passed to models that take it (vision transformers, MLP-Mixers, ... whose
+  position embeddings depend on it) and left out for those that do not (CNNs, which adapt);
+* the result is checked with one forward pass at ``(2, in_chans, img_size, img_size)``, so a
+  model that cannot run at that size fails here, with its default size in the message, rather
+  than in the middle of training;
+* distilled models (two heads) average their heads in training as in evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TimmDiscriminator", "discriminator", "default_input_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ImportError("timm is not installed: pip install timm (or pip install 'sparsegan[adapters]')") from exc
+    return timm
+
+
+def default_input_size(name: str) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` input size of a timm model's default pretrained config (``None`` if unknown)."""
+    timm = _timm()
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by create_model
+        return None
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    return tuple(size) if size else None  # type: ignore[return-value]
+
+
+class TimmDiscriminator(nn.Module):
+    """A timm model with a single-logit head: ``x (B, C, H, W) -> logits (B, 1)``.
+
+    Args:
+        model: A timm model created with ``num_classes=1``.
+        img_size: The image side it was checked at.
+        in_chans: Its number of input channels.
+
+    Attributes:
+        model: The timm model (its parameters are named ``model.<timm name>``).
+    """
+
+    def __init__(self, model: nn.Module, img_size: int, in_chans: int) -> None:
+        super().__init__()
+        self.model = model
+        self.img_size = img_size
+        self.in_chans = in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One logit per image."""
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):  # a distilled model still in two-head training mode
+            out = sum(out) / len(out)
+        return out.reshape(x.shape[0], 1)
+
+
+def discriminator(name: str, img_size: int = 32, in_chans: int = 3, *, pretrained: bool = False,
+                  **kwargs: Any) -> TimmDiscriminator:
+    """Build a discriminator from a timm model name.
+
+    Args:
+        name: A timm model name (``timm.list_models()``), e.g. ``"resnet18"``, ``"vit_tiny_patch16_224"``.
+        img_size: Image side the discriminator will see.
+        in_chans: Image channels (1 for grayscale).
+        pretrained: Load timm's pretrained weights (downloads them; off by default).
+        **kwargs: Passed to ``timm.create_model`` (``drop_path_rate=``, ``patch_size=``, ...).
+
+    Returns:
+        A :class:`TimmDiscriminator` in training mode.
+
+    Raises:
+        ValueError: If timm does not know ``name``, or the model cannot run at ``img_size``
+            (the message gives its default input size).
+        ImportError: If timm is not installed.
+    """
+    timm = _timm()
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model named {name!r}; see timm.list_models('*pattern*')")
+    base = dict(kwargs, pretrained=pretrained, num_classes=1, in_chans=in_chans)
+    try:
+        model = timm.create_model(name, img_size=img_size, **base)
+        sized = True
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        model = timm.create_model(name, **base)  # a CNN: its size follows the input
+        sized = False
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(False)
+    d = TimmDiscriminator(model, img_size, in_chans)
+    _check_runs(d, name, img_size, in_chans)
+    logger.info("timm discriminator %s at %dpx (%s img_size), %.2fM parameters", name, img_size,
+                "with" if sized else "without", sum(p.numel() for p in d.parameters()) / 1e6)
+    return d
+
+
+def _check_runs(d: TimmDiscriminator, name: str, img_size: int, in_chans: int) -> None:
+    was_training = d.training
+    d.eval()
+    try:
+        with torch.no_grad():
+            param = next(d.parameters(), None)
+            x = torch.zeros(2, in_chans, img_size, img_size,
+                            device=param.device if param is not None else None)
+            out = d(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
+        default = default_input_size(name)
+        hint = f" (its default input is {default[1]}x{default[2]})" if default else ""
+        raise ValueError(
+            f"timm model {name!r} does not run on {img_size}x{img_size} images{hint}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Pass a larger img_size= (or a model that adapts to the input size)."
+        ) from exc
+    finally:
+        d.train(was_training)
+    if out.shape != (2, 1):
+        raise ValueError(f"timm model {name!r} gives outputs of shape {tuple(out.shape)} with num_classes=1, "
+                         "expected (batch, 1)")

@@ -1,0 +1,596 @@
+"""The ``sparsegan`` command line: ``demo``, ``compare`` and ``inspect``.
+
+* ``sparsegan demo``: train a small SNGAN with a sparse strategy (DDST by default) on an embedded
+  dataset (scikit-learn's digits) or your own images, with a progress bar; write a sample grid,
+  a plot of the balance ratio and the densities, metrics JSON and a checkpoint.
+* ``sparsegan compare``: Dense, Static, SDST, DDST-relax and DDST-strict at the same generator
+  density, with fixed seeds; print the paper-style table (quality, final D density, training
+  FLOPs vs dense, wall time) and write a combined plot.
+* ``sparsegan inspect MODULE:ATTR``: the discovery dry run (what would be masked, and why
+  anything would not) for a module class or factory.
+
+Also available as ``python -m sparsegan``. The work itself lives in the library
+(:mod:`sparsegan.data`, :mod:`sparsegan.training`, :mod:`sparsegan.metrics`); this module only
+parses arguments, reports progress and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect as _inspect
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+logger = logging.getLogger("sparsegan.cli")
+
+COMPARE_DEFAULT = ("dense", "static", "sdst", "ddst-relax", "ddst-strict")
+
+
+class CLIError(Exception):
+    """A user error the command line reports as one line on stderr (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------- arguments
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"density must be a number in (0, 1], got {text!r}") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise argparse.ArgumentTypeError(
+            f"density must be in (0, 1] (the fraction of weights kept), got {text}; "
+            "use 1 for a dense network")
+    return value
+
+
+def _strategy(text: str) -> str:
+    from sparsegan.training import STRATEGY_NAMES
+
+    key = text.strip().lower().replace("_", "-")
+    if key not in STRATEGY_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown strategy {text!r}; choose from {', '.join(STRATEGY_NAMES)}")
+    return key
+
+
+def _strategy_list(text: str) -> list[str]:
+    names = [part for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one strategy name")
+    return [_strategy(n) for n in names]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _bounds(text: str) -> tuple[float, float]:
+    try:
+        lower, upper = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOWER,UPPER (e.g. 0.45,0.55), got {text!r}") from None
+    if not 0.0 <= lower < upper <= 1.0:
+        raise argparse.ArgumentTypeError(f"need 0 <= LOWER < UPPER <= 1, got {text}")
+    return lower, upper
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 2,3,32,32, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected a shape of positive sizes like 2,3,32,32, got {text!r}")
+    return shape
+
+
+def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -> None:
+    p.add_argument("--g-density", type=_density, default=0.1, help="generator density (default 0.1)")
+    p.add_argument("--d-density", type=_density, default=None,
+                   help="initial discriminator density (default: the G density; 0.3 for ddst-strict)")
+    p.add_argument("--steps", type=_positive_int, default=steps,
+                   help=f"training iterations = generator steps (default {steps})")
+    p.add_argument("--n-critic", type=_positive_int, default=2, help="D steps per G step (default 2; the paper: 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
+    p.add_argument("--channels", type=_positive_int, default=32, help="width of G and D (default 32)")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (default), 'faces', a folder of images, or an .npz file")
+    p.add_argument("--image-size", type=int, choices=(16, 32, 64), default=16, help="image side (default 16)")
+    p.add_argument("--schedule", choices=("compressed", "paper"), default="compressed",
+                   help="mask-update intervals scaled to the run (default) or as published")
+    p.add_argument("--br-bounds", type=_bounds, default=None,
+                   help="DDST balance-ratio bounds LOWER,UPPER (default: the paper's 0.45,0.55)")
+    p.add_argument("--ema", type=float, default=0.99, help="G-EMA decay (default 0.99; 0 to disable)")
+    p.add_argument("--eval-samples", type=_positive_int, default=2000,
+                   help="generated images for the metrics (default 2000)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the metric's feature extractor is cached (default: $SPARSEGAN_CACHE or ~/.cache/sparsegan)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sparsegan`` command."""
+    parser = argparse.ArgumentParser(
+        prog="sparsegan",
+        description="Sparse and balanced dynamic sparse training of GANs (demo, comparison, discovery dry run).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="train a sparse SNGAN on an embedded dataset and write samples, plots, metrics",
+                          description="Train a small SNGAN with a sparse strategy (DDST by default) and write "
+                                      "samples.png, balance.png, metrics.json and checkpoint.pt to --out.")
+    demo.add_argument("--strategy", type=_strategy, default="ddst",
+                      help="dense, static, sdst, ddst (= ddst-relax), ddst-strict or dst (default ddst)")
+    _add_training_options(demo, steps=2000, out="runs/demo")
+
+    compare = sub.add_parser("compare", help="Dense vs Static vs SDST vs DDST at the same G density",
+                             description="Train each strategy with the same seeds and print the paper-style table.")
+    compare.add_argument("--strategies", type=_strategy_list, default=list(COMPARE_DEFAULT),
+                         help=f"comma-separated strategies (default {','.join(COMPARE_DEFAULT)})")
+    compare.add_argument("--repeats", type=_positive_int, default=1, help="seeds per strategy, for mean ± std (default 1)")
+    _add_training_options(compare, steps=1500, out="runs/compare")
+
+    insp = sub.add_parser("inspect", help="show which weights sparsegan would mask in a module",
+                          description="Print sparsegan.discover()'s report for MODULE:ATTR, where MODULE is a "
+                                      "module path (pkg.models) or a .py file and ATTR an nn.Module class, a "
+                                      "factory function or a module instance.")
+    insp.add_argument("target", metavar="MODULE:ATTR")
+    insp.add_argument("--input-shape", type=_shape, default=None,
+                      help="shape of a random example input, e.g. 2,3,32,32 (enables export/runtime discovery and MACs)")
+    insp.add_argument("--methods", default="fx,export,runtime", help="discovery cascade (default fx,export,runtime)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"bad --device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    from sparsegan.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(args.data, image_size=args.image_size)
+    except DatasetError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
+    from sparsegan.training import TrainConfig
+
+    return TrainConfig(
+        strategy=strategy, g_density=args.g_density, d_density=args.d_density, iterations=args.steps,
+        n_critic=args.n_critic, batch_size=args.batch_size, g_channels=args.channels, d_channels=args.channels,
+        ema=args.ema if args.ema and args.ema > 0 else None, schedule=args.schedule, seed=seed,
+        device=_device(args.device), br_bounds=args.br_bounds,
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int, dict[str, Any]], None], Callable[[], None]]:
+    """A tqdm bar showing G/D loss, BR and D density; a no-op when disabled or tqdm is missing."""
+    if not enabled:
+        return (lambda it, stats: None), (lambda: None)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return (lambda it, stats: None), (lambda: None)
+    bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)
+
+    def update(it: int, stats: dict[str, Any]) -> None:
+        bar.update(1)
+        if it % 10 == 0 or it == total:
+            br = stats.get("br")
+            bar.set_postfix(G=f"{stats['g_loss']:.3f}", D=f"{stats['d_loss']:.3f}",
+                            BR="n/a" if br is None else f"{br:.3f}", dD=f"{stats['d_density']:.3f}", refresh=False)
+
+    return update, bar.close
+
+
+def _extractor(args: argparse.Namespace, size: int) -> Any:
+    from sparsegan.metrics import digits_feature_extractor
+
+    start = time.perf_counter()
+    net = digits_feature_extractor(size, cache=args.cache_dir)
+    logger.info("feature extractor ready in %.1fs (held-out digit accuracy %.4f)", time.perf_counter() - start, net.accuracy)
+    return net
+
+
+def _evaluate(result: Any, data: Any, extractor: Any, real_features: Any, n: int) -> dict[str, Any]:
+    from sparsegan.metrics import evaluate_images
+    from sparsegan.training import generate
+
+    cfg = result.config
+    fake = generate(result.generator, n, cfg.latent_dim, seed=cfg.seed + 10_000)
+    metrics = {"generator": evaluate_images(data.images, fake, extractor, real_features=real_features, seed=cfg.seed)}
+    if result.sg.ema is not None:
+        fake_ema = generate(result.ema_generator, n, cfg.latent_dim, seed=cfg.seed + 10_000)
+        metrics["ema"] = evaluate_images(data.images, fake_ema, extractor, real_features=real_features, seed=cfg.seed)
+    return metrics
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    path.write_text(json.dumps(clean(payload), indent=2, default=_json_default) + "\n")
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create output folder {path!r}: {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsegan.metrics import extract_features, inception_fid
+    from sparsegan.training import generate, plot_runs, save_image_grid, train
+
+    begin = time.perf_counter()
+    out = _out_dir(args.out)
+    data = _load_data(args)
+    config = _config(args, args.strategy, args.seed)
+    print(f"sparsegan demo: {args.strategy} on {data.name} ({len(data)} images, {data.image_size}px), "
+          f"G density {args.g_density}, {args.steps} iterations, device {config.device}")
+    try:
+        extractor = _extractor(args, data.image_size)
+    except Exception as exc:  # noqa: BLE001 - metrics are a bonus: the demo still trains
+        logger.warning("metrics disabled: could not prepare the feature extractor: %s", exc)
+        extractor = None
+    update, close = _progress(args.steps, args.strategy, not args.no_progress)
+    try:
+        result = train(config, data, callback=update)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        close()
+
+    n_eval = args.eval_samples
+    metrics: dict[str, Any] = {}
+    if extractor is not None:
+        metrics = _evaluate(result, data, extractor, extract_features(extractor, data.images), n_eval)
+    fid = inception_fid(data.images, generate(result.generator, min(n_eval, len(data)), config.latent_dim))
+    grid = generate(result.ema_generator, 64, config.latent_dim, seed=config.seed + 20_000)
+    save_image_grid(grid, out / "samples.png")
+    save_image_grid(data.images[:64], out / "real.png")
+    bounds = args.br_bounds or (0.45, 0.55)
+    plot_runs({args.strategy: result}, out / "balance.png", bounds=bounds)
+    torch.save({
+        "generator": result.generator.state_dict(),
+        "discriminator": result.discriminator.state_dict(),
+        "ema": result.sg.ema.module.state_dict() if result.sg.ema is not None else None,
+        "sparsegan": result.sg.state_dict(),
+        "config": config.to_dict(),
+    }, out / "checkpoint.pt")
+    (out / "report.txt").write_text(result.sg.report() + "\n")
+    summary = result.summary()
+    payload = {
+        "config": config.to_dict(), "data": repr(data), "strategy": result.strategy, "summary": summary,
+        "metrics": metrics, "inception_fid": fid,
+        "feature_extractor_accuracy": None if extractor is None else extractor.accuracy,
+        "history": result.history, "balance": result.balance,
+        "wall_time_train_s": result.wall_time, "wall_time_total_s": time.perf_counter() - begin,
+    }
+    _write_json(out / "metrics.json", payload)
+
+    flops = summary["flops_ratio"]
+    br = summary["balance_ratio"]
+    lines = [
+        (f"final densities: G {summary['g_density']:.4f}, D {summary['d_density']:.4f}; "
+         f"windowed BR {'n/a' if br is None else f'{br:.4f}'}"),
+        f"training FLOPs vs dense: G {flops['generator']:.3f}, D {flops['discriminator']:.3f}, total {flops['total']:.3f}",
+    ]
+    if metrics:
+        g = metrics["generator"]
+        lines.append(f"digits FD {g['fd']:.3f}, KID {g['kid_mean']:.4f} ± {g['kid_std']:.4f} "
+                     f"(feature extractor accuracy {extractor.accuracy:.3f})"
+                     + (f"; EMA FD {metrics['ema']['fd']:.3f}" if "ema" in metrics else ""))
+    lines.append("Inception FID: " + (f"{fid:.3f}" if fid is not None else "skipped (no cached Inception weights)"))
+    hint = _bounds_hint(result, bounds)
+    if hint:
+        lines.append(hint)
+    lines.append(f"wall time: {result.wall_time:.1f}s training, {time.perf_counter() - begin:.1f}s total")
+    lines.append(f"wrote {out}/samples.png, real.png, balance.png, metrics.json, checkpoint.pt, report.txt")
+    print("\n".join(lines))
+    return 0
+
+
+def _bounds_hint(result: Any, bounds: tuple[float, float]) -> str | None:
+    """A note when DDST's windowed BR stayed on one side of the bounds for most of the run."""
+    if not result.config.strategy.startswith("ddst") or len(result.balance) < 10:
+        return None
+    windowed = [b[2] for b in result.balance]
+    below = sum(v <= bounds[0] for v in windowed) / len(windowed)
+    above = sum(v >= bounds[1] for v in windowed) / len(windowed)
+    if max(below, above) < 0.8:
+        return None
+    side = "below the lower" if below >= above else "above the upper"
+    return (f"note: the windowed balance ratio was {side} bound for {max(below, above):.0%} of the run, so DDST "
+            f"kept {'pruning' if below >= above else 'growing'} D. The balance ratio scales with the number of "
+            "active generator weights, and the default bounds (0.45, 0.55) come from the paper's SNGAN on CIFAR-10 "
+            "(~0.4M active G weights at 10 %); for a much smaller model pass --br-bounds LOWER,UPPER around the "
+            "BR your Static/Dense runs show (see balance.png).")
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    mean, std = _mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def compare_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The paper-style Markdown table from per-strategy lists of run records."""
+    header = ("strategy", "FD (G) ↓", "FD (EMA) ↓", "KID ↓", "final D density",
+              "train FLOPs G", "train FLOPs D", "train FLOPs total", "wall time s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in rows.items():
+        def col(get: Callable[[dict[str, Any]], float], digits: int = 3, runs: list[dict[str, Any]] = runs) -> str:
+            return _fmt([get(r) for r in runs], digits)
+
+        lines.append("| " + " | ".join([
+            name,
+            col(lambda r: r["metrics"]["generator"]["fd"], 2),
+            col(lambda r: r["metrics"].get("ema", {}).get("fd", math.nan), 2),
+            col(lambda r: r["metrics"]["generator"]["kid_mean"], 3),
+            col(lambda r: r["summary"]["d_density"], 3),
+            col(lambda r: r["summary"]["flops_ratio"]["generator"], 3),
+            col(lambda r: r["summary"]["flops_ratio"]["discriminator"], 3),
+            col(lambda r: r["summary"]["flops_ratio"]["total"], 3),
+            col(lambda r: r["summary"]["wall_time_s"], 0),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sparsegan.metrics import extract_features
+    from sparsegan.training import generate, plot_runs, save_image_grid, train
+
+    begin = time.perf_counter()
+    out = _out_dir(args.out)
+    data = _load_data(args)
+    strategies = list(dict.fromkeys(args.strategies))
+    print(f"sparsegan compare: {', '.join(strategies)} on {data.name} ({len(data)} images, {data.image_size}px), "
+          f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s)")
+    extractor = _extractor(args, data.image_size)
+    real_features = extract_features(extractor, data.images)
+    rows: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
+    curves: dict[str, Any] = {}
+    for repeat in range(args.repeats):
+        seed = args.seed + repeat
+        for name in strategies:
+            config = _config(args, name, seed)
+            update, close = _progress(args.steps, f"{name} seed {seed}", not args.no_progress)
+            try:
+                result = train(config, data, callback=update)
+            except ValueError as exc:
+                raise CLIError(f"{name}: {exc}") from None
+            finally:
+                close()
+            record = {"seed": seed, "summary": result.summary(),
+                      "metrics": _evaluate(result, data, extractor, real_features, args.eval_samples),
+                      "history": result.history, "balance": result.balance}
+            rows[name].append(record)
+            if repeat == 0:
+                curves[name] = result
+                save_image_grid(generate(result.ema_generator, 64, config.latent_dim, seed=seed + 20_000),
+                                out / f"samples_{name}.png")
+            g = record["metrics"]["generator"]
+            print(f"  {name:12s} seed {seed}: FD {g['fd']:.3f}  D density {record['summary']['d_density']:.3f}  "
+                  f"FLOPs total {record['summary']['flops_ratio']['total']:.3f}  {result.wall_time:.0f}s", flush=True)
+    table = compare_table(rows)
+    bounds = args.br_bounds or (0.45, 0.55)
+    plot_runs(curves, out / "compare.png", bounds=bounds)
+    header = (f"G density {args.g_density}, {args.steps} iterations (n_critic {args.n_critic}, batch {args.batch_size}, "
+              f"width {args.channels}), data {data.name} {data.image_size}px, {args.repeats} seed(s) from {args.seed}, "
+              f"schedule {args.schedule}, BR bounds {bounds}; FD/KID on digits-classifier features "
+              f"(extractor accuracy {extractor.accuracy:.3f}), {args.eval_samples} samples; FLOPs are training FLOPs "
+              "relative to dense.")
+    (out / "compare.md").write_text(header + "\n\n" + table + "\n")
+    _write_json(out / "compare.json", {"args": {k: v for k, v in vars(args).items() if k != "func"},
+                                       "runs": rows, "extractor_accuracy": extractor.accuracy,
+                                       "wall_time_total_s": time.perf_counter() - begin})
+    print()
+    print(table)
+    print(f"\n{header}\nwrote {out}/compare.md, compare.json, compare.png, samples_*.png "
+          f"({time.perf_counter() - begin:.0f}s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+
+def load_target(target: str) -> Any:
+    """Import ``MODULE:ATTR`` (a dotted module path or a ``.py`` file, then a dotted attribute)."""
+    if ":" not in target:
+        raise CLIError(f"expected MODULE:ATTR (e.g. mypkg.models:Generator or models.py:Generator), got {target!r}")
+    module_path, _, attr = target.rpartition(":")
+    if not module_path or not attr:
+        raise CLIError(f"expected MODULE:ATTR, got {target!r}")
+    if module_path.endswith(".py") or os.sep in module_path or Path(module_path).is_file():
+        file = Path(module_path)
+        if not file.is_file():
+            raise CLIError(f"no such file: {module_path}")
+        name = f"_sparsegan_inspect_{abs(hash(str(file.resolve())))}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise CLIError(f"cannot import {module_path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(file.resolve().parent))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - report the user's import error in one line
+            raise CLIError(f"importing {module_path} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            sys.path.pop(0)
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as exc:
+            raise CLIError(f"cannot import module {module_path!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise CLIError(f"importing {module_path!r} failed: {type(exc).__name__}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            available = sorted(n for n in dir(obj) if not n.startswith("_"))[:20]
+            raise CLIError(f"{module_path} has no attribute {attr!r} (available: {', '.join(available)})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _instantiate(obj: Any, target: str) -> Any:
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        try:
+            made = obj()
+        except TypeError as exc:
+            signature = ""
+            try:
+                signature = str(_inspect.signature(obj))
+            except (TypeError, ValueError):
+                pass
+            raise CLIError(f"{target} must be callable without arguments to build the module"
+                           f"{signature and ' ' + signature}: {exc}; write a small factory function with the "
+                           "arguments you want") from None
+        except Exception as exc:  # noqa: BLE001
+            raise CLIError(f"building {target} failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(made, nn.Module):
+            return made
+        raise CLIError(f"{target}() returned {type(made).__name__}, not a torch.nn.Module")
+    raise CLIError(f"{target} is a {type(obj).__name__}, not an nn.Module class, factory or instance")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsegan.discovery import DiscoveryError, discover
+
+    model = _instantiate(load_target(args.target), args.target)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    example = torch.randn(*args.input_shape) if args.input_shape else None
+    try:
+        result = discover(model, example, methods=methods)
+    except (DiscoveryError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    total = sum(p.numel() for p in model.parameters())
+    masked = sum(w.numel for w in result.weights)
+    print(result.report())
+    print(f"\n{len(result.weights)} kernel weights, {masked:,} of {total:,} parameters "
+          f"({masked / max(total, 1):.1%}) would be masked")
+    if example is None:
+        print("hint: pass --input-shape (e.g. 2,3,32,32) to verify the trace against eager and count MACs")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sparsegan`` command line; return the exit status.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 on a usage or input error (one line on stderr), 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if os.environ.get("MPLBACKEND") is None:
+        os.environ["MPLBACKEND"] = "Agg"
+    commands = {"demo": _cmd_demo, "compare": _cmd_compare, "inspect": _cmd_inspect}
+    try:
+        return commands[args.command](args)
+    except CLIError as exc:
+        print(f"sparsegan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

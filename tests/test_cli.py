@@ -1,0 +1,161 @@
+"""The ``sparsegan`` command line: a shortened demo and compare, inspect, and bad inputs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sparsegan.metrics
+from sparsegan.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def extractor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sparsegan-cache")
+
+
+@pytest.fixture(autouse=True)
+def quick_extractor(monkeypatch: pytest.MonkeyPatch, extractor_cache: Path) -> None:
+    """Train the metric's feature extractor for 2 epochs (cached per module) instead of 10."""
+    monkeypatch.setattr(sparsegan.metrics, "digits_feature_extractor",
+                        functools.partial(sparsegan.metrics.digits_feature_extractor, epochs=2))
+    monkeypatch.setenv("SPARSEGAN_CACHE", str(extractor_cache))
+
+
+def _tiny(out: Path) -> list[str]:
+    return ["--steps", "8", "--batch-size", "8", "--channels", "8", "--n-critic", "1", "--eval-samples", "64",
+            "--no-progress", "--out", str(out), "--device", "cpu"]
+
+
+def test_demo_writes_samples_plots_metrics_and_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    out = tmp_path / "demo"
+    assert main(["demo", *_tiny(out)]) == 0
+    for name in ("samples.png", "real.png", "balance.png", "metrics.json", "checkpoint.pt", "report.txt"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["strategy"] == "ddst"
+    assert metrics["summary"]["g_density"] == pytest.approx(0.1, abs=0.01)
+    assert 0 < metrics["summary"]["flops_ratio"]["total"] < 1
+    assert metrics["metrics"]["generator"]["fd"] > 0 and "kid_mean" in metrics["metrics"]["ema"]
+    assert metrics["inception_fid"] is None  # no cached Inception weights on this machine
+    assert len(metrics["history"]["iteration"]) >= 2 and metrics["balance"]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"generator", "discriminator", "ema", "sparsegan", "config"} <= set(checkpoint)
+    text = capsys.readouterr().out
+    assert "training FLOPs vs dense" in text and "digits FD" in text
+
+
+def test_demo_on_a_users_npz_with_a_static_strategy(tmp_path: Path) -> None:
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 20, 20, 3), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", images=images)
+    out = tmp_path / "run"
+    assert main(["demo", "--strategy", "static", "--g-density", "0.3", "--d-density", "0.5",
+                 "--data", str(tmp_path / "mine.npz"), *_tiny(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["summary"]["d_density"] == pytest.approx(0.5, abs=0.01)
+    assert "channels=3" in metrics["data"]
+
+
+def test_compare_prints_the_table_for_all_strategies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *_tiny(out), "--steps", "6"]) == 0
+    text = capsys.readouterr().out
+    for name in ("dense", "static", "sdst", "ddst-relax", "ddst-strict"):
+        assert f"| {name} |" in text
+    assert "train FLOPs total" in text
+    results = json.loads((out / "compare.json").read_text())
+    assert set(results["runs"]) == {"dense", "static", "sdst", "ddst-relax", "ddst-strict"}
+    dense = results["runs"]["dense"][0]["summary"]
+    assert dense["flops_ratio"]["total"] == pytest.approx(1.0) and dense["d_density"] == 1.0
+    assert results["runs"]["static"][0]["summary"]["flops_ratio"]["total"] < 0.5
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").is_file()
+
+
+def test_compare_repeats_give_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    assert main(["compare", *_tiny(out), "--steps", "4", "--strategies", "static", "--repeats", "2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| static |"))
+    assert "±" in row
+    runs = json.loads((out / "compare.json").read_text())["runs"]["static"]
+    assert [r["seed"] for r in runs] == [0, 1]
+
+
+def test_inspect_a_file_and_a_module_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_file = tmp_path / "my_models.py"
+    model_file.write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 8, 3)\n"
+        "        self.norm = nn.BatchNorm2d(8)\n"
+        "        self.head = nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.norm(self.conv(x)).mean((2, 3)))\n"
+        "def build():\n"
+        "    return Net()\n"
+    )
+    assert main(["inspect", f"{model_file}:Net", "--input-shape", "2,3,8,8"]) == 0
+    text = capsys.readouterr().out
+    assert "conv.weight" in text and "head.weight" in text and "norm.weight" in text
+    assert "2 kernel weights" in text
+    assert main(["inspect", f"{model_file}:build"]) == 0
+    assert "--input-shape" in capsys.readouterr().out  # the hint without an example input
+    assert main(["inspect", "sparsegan.training:SNGANDiscriminator", "--input-shape", "2,3,32,32"]) == 0
+    text = capsys.readouterr().out
+    assert "weight_orig" in text and "spectral_norm" in text
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["demo", "--data", str(empty), *_tiny(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "contains no images" in err and "Traceback" not in err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--strategy", "magic"])
+    assert exc.value.code == 2
+    assert "unknown strategy 'magic'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--g-density", "0"])
+    assert exc.value.code == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--strategies", "static,nope"])
+    assert exc.value.code == 2 and "unknown strategy 'nope'" in capsys.readouterr().err
+
+    assert main(["inspect", "sparsegan.training:NoSuchModel"]) == 2
+    assert "has no attribute 'NoSuchModel'" in capsys.readouterr().err
+    assert main(["inspect", "no_such_package.models:Net"]) == 2
+    assert "cannot import module" in capsys.readouterr().err
+    assert main(["inspect", "sparsegan.training:STRATEGY_NAMES"]) == 2
+    assert "not an nn.Module" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_the_console_script() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sparsegan", "demo", "--d-density", "0"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 2 and "density must be in (0, 1]" in done.stderr
+    script = shutil.which("sparsegan", path=os.path.dirname(sys.executable)) or shutil.which("sparsegan")
+    if script is None:
+        pytest.skip("the sparsegan console script is not installed (pip install -e .)")
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0 and "demo" in done.stdout and "compare" in done.stdout and "inspect" in done.stdout
