@@ -28,8 +28,8 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model, unwrap_optimizer
 from sparsegan.balance import BalanceProbe, BalanceRatio
-from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
+from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.ema import SparseEMA
 from sparsegan.flops import FlopsLedger, layer_flops
 from sparsegan.masks import MaskedWeights, MaskStateError, OptimizerStatePolicy

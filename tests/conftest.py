@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
-from torch.nn.utils.parametrizations import spectral_norm as parametrized_spectral_norm
 
 LATENT = 16
 

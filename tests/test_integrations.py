@@ -47,7 +47,7 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(64, 2) * 0.2 + 1), batch_size=8)
 
 
-def _trainer(callback, **kwargs) -> "pl.Trainer":
+def _trainer(callback, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=[callback], accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
