@@ -100,3 +100,10 @@ def test_accelerate_example_runs() -> None:
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "masks hold: True" in out.stdout
+
+
+def test_lightning_example_runs() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_gan.py"), "--steps", "60", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "G steps 60, G density 0.200" in out.stdout and "masks hold: True" in out.stdout
