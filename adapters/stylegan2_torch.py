@@ -64,9 +64,14 @@ def upfirdn2d_native(x: torch.Tensor, kernel: torch.Tensor, up_x: int, up_y: int
     Args:
         x: ``(N, C, H, W)`` (the package passes ``(N*C, 1, H, W)``).
         kernel: ``(kh, kw)`` FIR filter.
-        up_x, up_y: Upsampling factors.
-        down_x, down_y: Downsampling factors.
-        pad_x0, pad_x1, pad_y0, pad_y1: Padding before/after along x and y (may be negative).
+        up_x: Upsampling factor along x.
+        up_y: Upsampling factor along y.
+        down_x: Downsampling factor along x.
+        down_y: Downsampling factor along y.
+        pad_x0: Padding before, along x (may be negative: a crop).
+        pad_x1: Padding after, along x.
+        pad_y0: Padding before, along y.
+        pad_y1: Padding after, along y.
 
     Returns:
         ``(N, C, out_h, out_w)`` with ``out = (in * up + pad0 + pad1 - k + down) // down``,

@@ -1,10 +1,11 @@
 """Griffe extension used by the docs build only: render reStructuredText bits as Markdown.
 
 Some docstrings use reStructuredText: roles (``:class:`~sparsegan.masks.MaskedWeights```), the
-``Example::`` literal-block marker, and simple tables (``=====  =====`` rules). mkdocstrings
-renders Markdown, where those appear verbatim. This extension rewrites them, at build time
-only, to inline code (``MaskedWeights``), a plain colon, and Markdown tables. The package's
-source files are not touched.
+``Example::`` literal-block marker, hyperlinks (```text <url>`_``) and simple tables
+(``=====  =====`` rules; a row with a blank first column continues the row above).
+mkdocstrings renders Markdown, where those appear verbatim. This extension rewrites them, at
+build time only, to inline code (``MaskedWeights``), a plain colon, Markdown links and Markdown
+tables. The package's source files are not touched.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import griffe
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`(~?)([^`]+)`")
 _LITERAL = re.compile(r"(\S)::[ \t]*$", re.MULTILINE)
 _RULE = re.compile(r"^ *=+( +=+)+ *$")
+_LINK = re.compile(r"(?<!`)`([^`<>]+?)\s*<([^`<>]+)>`__?")
 
 
 def _role(match: re.Match[str]) -> str:
@@ -38,13 +40,22 @@ def _tables(text: str) -> str:
             if close is not None:
                 starts = [m.start() for m in re.finditer(r"=+", lines[i])]
 
-                def cells(row: str) -> list[str]:
+                def cells(row: str, starts: list[int] = starts) -> list[str]:
                     bounds = zip(starts, [*starts[1:], None])
                     return [row[a:b].strip().replace("|", "\\|") for a, b in bounds]
 
+                rows: list[list[str]] = []
+                for row in lines[end + 1:close]:
+                    if not row.strip():
+                        continue
+                    values = cells(row)
+                    if rows and not values[0]:  # a blank first column continues the row above
+                        rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], values)]
+                    else:
+                        rows.append(values)
                 out.append("| " + " | ".join(cells(lines[i + 1])) + " |")
                 out.append("|" + " --- |" * len(starts))
-                out += ["| " + " | ".join(cells(row)) + " |" for row in lines[end + 1:close]]
+                out += ["| " + " | ".join(row) + " |" for row in rows]
                 i = close + 1
                 continue
         out.append(lines[i])
@@ -53,8 +64,8 @@ def _tables(text: str) -> str:
 
 
 def convert(text: str) -> str:
-    """Return ``text`` with roles as inline code, ``::`` as ``:`` and simple tables in Markdown."""
-    return _tables(_LITERAL.sub(r"\1:", _ROLE.sub(_role, text)))
+    """Return ``text`` with roles as inline code, links, ``::`` as ``:`` and simple tables in Markdown."""
+    return _tables(_LITERAL.sub(r"\1:", _ROLE.sub(_role, _LINK.sub(r"[\1](\2)", text))))
 
 
 class RestToMarkdown(griffe.Extension):
