@@ -107,6 +107,20 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+@contextlib.contextmanager
+def isolated_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block without touching the global RNG streams (CPU and every initialised CUDA device).
+
+    Args:
+        seed: If given, the block runs with the global RNG seeded to this value.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
     """Normalise an example input to a tuple of positional arguments.
 

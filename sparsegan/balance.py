@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from sparsegan._utils import as_args, preserved_state
+from sparsegan._utils import as_args, isolated_rng, preserved_state
 
 __all__ = ["BalanceRatio", "BalanceProbe", "DensityController", "Decision", "check_bounds"]
 
@@ -172,10 +172,8 @@ class BalanceProbe:
     @contextlib.contextmanager
     def _seeded(self) -> Iterator[None]:
         """Seed the global RNG from the probe's generator for the block; restore it afterwards."""
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         seed = int(torch.randint(2**62, (1,), generator=self.rng))
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with isolated_rng(seed):
             yield
 
     def _real_batch(self) -> torch.Tensor:

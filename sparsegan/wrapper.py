@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from sparsegan._utils import as_args, format_table, preserved_state, unwrap_model, unwrap_optimizer
+from sparsegan._utils import as_args, format_table, isolated_rng, preserved_state, unwrap_model, unwrap_optimizer
 from sparsegan.balance import BalanceProbe, BalanceRatio
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
 from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
@@ -225,7 +225,8 @@ class SparseGANWrapper:
     def _examples(g_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
                   d_example: Any) -> dict[str, Any]:
         if g_example is None and latent is not None:
-            g_example = latent(2)
+            with isolated_rng():  # wrapping must not shift the user's random stream
+                g_example = latent(2)
         if d_example is None and g_example is not None:
             with preserved_state(g_module), torch.no_grad():
                 out = g_module(*as_args(g_example))
@@ -444,8 +445,11 @@ class SparseGANWrapper:
                              " > ".join(rec.via) or "-", f"{count / rec.numel:.4f}", f"{count}/{rec.numel}"))
             blocks.append("\n".join(format_table(rows)))
             blocks += found.skipped_lines()
-        source = "probe" if self._probe is not None else "observe()"
-        blocks.append(f"\nbalance ratio ({source}, every {self.strategy.br_every} G steps): {self.balance!r}")
+        if self._probe is not None:
+            source = f"probe every {self.strategy.br_every} G steps"
+        else:
+            source = "one sample per observe() call"
+        blocks.append(f"\nbalance ratio ({source}, window {self.balance.window}): {self.balance!r}")
         return "\n".join(blocks)
 
     def state_dict(self) -> dict[str, Any]:

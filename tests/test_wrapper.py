@@ -44,6 +44,16 @@ def test_public_contract(conv_gan) -> None:
         sg.density("critic")
 
 
+def test_wrapping_leaves_the_global_rng_alone(conv_gan) -> None:
+    G, D = conv_gan
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    sg, *_ = _wrap(G, D, latent=lambda n: torch.randn(n, LATENT))  # latent(2) runs for discovery
+    assert torch.equal(torch.rand(4), expected)
+    assert "probe" not in sg.report() and "one sample per observe() call" in sg.report()
+
+
 def test_masks_hold_at_wrap_time_and_after_every_step(conv_gan) -> None:
     G, D = conv_gan
     sg, g_opt, d_opt = _wrap(G, D)
