@@ -38,9 +38,13 @@ mimicry                                       what the wrapper does there
 ``amp=True`` (``scaler.step(opt)``)           ``GradScaler.step`` calls ``opt.step()`` when
                                               the gradients are finite, so the hooks run; a
                                               skipped step is not counted
-``restore_checkpoint`` / ``load_state_dict``  the forward pre-hook re-applies the masks;
-                                              save ``sg.state_dict()`` next to the checkpoints
-                                              to resume the masks themselves
+``restore_checkpoint`` / ``load_state_dict``  call ``sg.apply_masks()`` afterwards (or
+                                              ``sg.load_state_dict(...)``): mimicry's
+                                              ``train_step`` calls ``self.forward`` directly,
+                                              which skips the wrapper's forward pre-hook, so
+                                              the masks would only come back at the first
+                                              ``optimizer.step()``. Save ``sg.state_dict()``
+                                              next to the checkpoints to resume the masks
 ``LRScheduler`` (``lr_decay``)                unaffected (it only changes ``lr``)
 ============================================  =============================================
 
@@ -218,6 +222,13 @@ def sagan32(ngf: int = 64, ndf: int = 64, *, nz: int = 128, num_classes: int = 1
             **kwargs: Any) -> tuple[nn.Module, nn.Module]:
     """SAGAN for 32x32 images: conditional, self-attention and spectral norm in both networks.
 
+    Args:
+        ngf: Generator width.
+        ndf: Discriminator width.
+        nz: Latent size.
+        num_classes: Number of classes.
+        **kwargs: Passed to both constructors.
+
     Returns:
         ``(G, D)``; ``G(z, y)`` and ``D(x, y)`` take class labels ``y``.
     """
@@ -227,6 +238,13 @@ def sagan32(ngf: int = 64, ndf: int = 64, *, nz: int = 128, num_classes: int = 1
 def cgan_pd32(ngf: int = 64, ndf: int = 64, *, nz: int = 128, num_classes: int = 10,
               **kwargs: Any) -> tuple[nn.Module, nn.Module]:
     """cGAN with projection discriminator for 32x32 images (conditional BatchNorm in G).
+
+    Args:
+        ngf: Generator width.
+        ndf: Discriminator width.
+        nz: Latent size.
+        num_classes: Number of classes.
+        **kwargs: Passed to both constructors.
 
     Returns:
         ``(G, D)``; ``G(z, y)`` and ``D(x, y)`` take class labels ``y``. D projects the label

@@ -160,8 +160,9 @@ def import_stylegan2_torch(force_native: bool | None = None) -> types.ModuleType
         The ``stylegan2_torch`` package.
 
     Raises:
-        ImportError: If the package (or ``torch-conv-gradfix``) is not installed; the message
-            names the install command.
+        ImportError: If the package (or ``torch-conv-gradfix``) is not installed (the message
+            names the install command), or, with ``force_native=False``, if its CUDA extensions
+            cannot be built.
     """
     module = sys.modules.get("stylegan2_torch")
     if module is not None:
@@ -179,6 +180,13 @@ def import_stylegan2_torch(force_native: bool | None = None) -> types.ModuleType
         raise ImportError(
             f"could not import stylegan2_torch ({exc}). Install it with: "
             "pip install --no-deps stylegan2-torch==1.3.0 torch-conv-gradfix==0.1.0"
+        ) from exc
+    except Exception as exc:  # e.g. IndexError from cpp_extension when no CUDA arch can be found
+        if native:
+            raise
+        raise ImportError(
+            f"stylegan2_torch could not build its CUDA extensions ({type(exc).__name__}: {exc}); "
+            "import it with import_stylegan2_torch(force_native=True) to use the pure-PyTorch ops"
         ) from exc
     finally:
         cpp_extension.load = original  # type: ignore[assignment]

@@ -15,9 +15,14 @@ optional ``mask`` argument); this module only builds the model:
 * ``img_size`` is passed to models that take it (vision transformers, MLP-Mixers, ... whose
   position embeddings depend on it) and left out for those that do not (CNNs, which adapt);
 * the result is checked with one forward pass at ``(2, in_chans, img_size, img_size)``, so a
-  model that cannot run at that size fails here, with its default size in the message, rather
-  than in the middle of training;
+  model that cannot be built for, or run at, that size fails here with a ``ValueError`` that
+  gives its default size, rather than in the middle of training;
 * distilled models (two heads) average their heads in training as in evaluation.
+
+Some models have a floor on ``img_size``. Measured with timm 1.0.31: 32 for ``convnext_atto``,
+``coat_lite_tiny``, ``edgenext_xx_small``, ``hiera_tiny_224`` and ``mvitv2_tiny``; 29 for
+``densenet121``; 75 for ``inception_v3``; 18 for ``crossvit_tiny_240``; one patch (14 or 16) for
+the ViT-style models; most other CNNs run on any size.
 """
 
 from __future__ import annotations
@@ -42,11 +47,18 @@ def _timm() -> Any:
 
 
 def default_input_size(name: str) -> tuple[int, int, int] | None:
-    """The ``(C, H, W)`` input size of a timm model's default pretrained config (``None`` if unknown)."""
+    """The input size of a timm model's default pretrained configuration.
+
+    Args:
+        name: A timm model name, optionally with a pretrained tag (``"vit_tiny_patch16_224.augreg_in21k"``).
+
+    Returns:
+        ``(C, H, W)``, or ``None`` when timm has no configuration for ``name``.
+    """
     timm = _timm()
     try:
         cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # noqa: BLE001 - an unknown name is reported by create_model
+    except Exception:  # an unknown name is reported by create_model, not here
         return None
     size = getattr(cfg, "input_size", None) if cfg is not None else None
     return tuple(size) if size else None  # type: ignore[return-value]
@@ -62,6 +74,8 @@ class TimmDiscriminator(nn.Module):
 
     Attributes:
         model: The timm model (its parameters are named ``model.<timm name>``).
+        img_size: The image side it was checked at.
+        in_chans: Its number of input channels.
     """
 
     def __init__(self, model: nn.Module, img_size: int, in_chans: int) -> None:
@@ -71,11 +85,18 @@ class TimmDiscriminator(nn.Module):
         self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One logit per image."""
+        """One logit per image.
+
+        Args:
+            x: Images ``(B, in_chans, H, W)``.
+
+        Returns:
+            Logits ``(B, 1)``.
+        """
         out = self.model(x)
         if isinstance(out, (tuple, list)):  # a distilled model still in two-head training mode
             out = sum(out) / len(out)
-        return out.reshape(x.shape[0], 1)
+        return out.reshape(x.shape[0], -1)
 
 
 def discriminator(name: str, img_size: int = 32, in_chans: int = 3, *, pretrained: bool = False,
@@ -87,19 +108,24 @@ def discriminator(name: str, img_size: int = 32, in_chans: int = 3, *, pretraine
         img_size: Image side the discriminator will see.
         in_chans: Image channels (1 for grayscale).
         pretrained: Load timm's pretrained weights (downloads them; off by default).
-        **kwargs: Passed to ``timm.create_model`` (``drop_path_rate=``, ``patch_size=``, ...).
+        **kwargs: Passed to ``timm.create_model``: ``drop_path_rate=``, ``patch_size=``, or
+            architecture overrides such as ``depth=`` (ViTs) and ``layers=`` (ResNets).
 
     Returns:
         A :class:`TimmDiscriminator` in training mode.
 
     Raises:
-        ValueError: If timm does not know ``name``, or the model cannot run at ``img_size``
-            (the message gives its default input size).
+        ValueError: If timm does not know ``name``, or the model cannot be built for or run at
+            ``img_size`` (the message gives its default input size), or its output is not one
+            logit per image.
+        TypeError: If the model does not accept one of ``kwargs``.
         ImportError: If timm is not installed.
     """
     timm = _timm()
     if not timm.is_model(name):
         raise ValueError(f"timm has no model named {name!r}; see timm.list_models('*pattern*')")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     base = dict(kwargs, pretrained=pretrained, num_classes=1, in_chans=in_chans)
     try:
         model = timm.create_model(name, img_size=img_size, **base)
@@ -109,6 +135,10 @@ def discriminator(name: str, img_size: int = 32, in_chans: int = 3, *, pretraine
             raise
         model = timm.create_model(name, **base)  # a CNN: its size follows the input
         sized = False
+    except (RuntimeError, ValueError, AssertionError, ZeroDivisionError) as exc:
+        # e.g. mvitv2 sizes its relative-position tables from img_size and fails below 32
+        raise ValueError(f"timm cannot build {name!r} for {img_size}x{img_size} images{_size_hint(name)}: "
+                         f"{_first_line(exc)}. Pass a larger img_size=.") from exc
     if hasattr(model, "set_distilled_training"):
         model.set_distilled_training(False)
     d = TimmDiscriminator(model, img_size, in_chans)
@@ -118,7 +148,18 @@ def discriminator(name: str, img_size: int = 32, in_chans: int = 3, *, pretraine
     return d
 
 
+def _size_hint(name: str) -> str:
+    default = default_input_size(name)
+    return f" (its default input is {default[1]}x{default[2]})" if default else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _check_runs(d: TimmDiscriminator, name: str, img_size: int, in_chans: int) -> None:
+    """Run one eval-mode forward at ``(2, in_chans, img_size, img_size)``; raise a ValueError with the fix."""
     was_training = d.training
     d.eval()
     try:
@@ -127,16 +168,13 @@ def _check_runs(d: TimmDiscriminator, name: str, img_size: int, in_chans: int) -
             x = torch.zeros(2, in_chans, img_size, img_size,
                             device=param.device if param is not None else None)
             out = d(x)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the fix
-        default = default_input_size(name)
-        hint = f" (its default input is {default[1]}x{default[2]})" if default else ""
+    except Exception as exc:  # re-raised with the fix
         raise ValueError(
-            f"timm model {name!r} does not run on {img_size}x{img_size} images{hint}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Pass a larger img_size= (or a model that adapts to the input size)."
+            f"timm model {name!r} does not run on {img_size}x{img_size} images{_size_hint(name)}: "
+            f"{_first_line(exc)}. Pass a larger img_size= (or a model that adapts to the input size)."
         ) from exc
     finally:
         d.train(was_training)
     if out.shape != (2, 1):
-        raise ValueError(f"timm model {name!r} gives outputs of shape {tuple(out.shape)} with num_classes=1, "
-                         "expected (batch, 1)")
+        raise ValueError(f"timm model {name!r} gives {tuple(out.shape[1:])} outputs per image with num_classes=1, "
+                         "expected one logit")

@@ -54,14 +54,14 @@ _NORM_INPUT_PASSES = {
     "native_batch_norm", "native_layer_norm", "native_group_norm", "normalize",
 }
 _UNARY_PASS = {
-    "reshape", "view", "view_as", "unsafe_view", "permute", "transpose", "t", "flatten",
-    "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "contiguous", "clone",
+    "reshape", "view", "view_as", "reshape_as", "type_as", "unsafe_view", "permute", "transpose", "t",
+    "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "contiguous", "clone",
     "to", "to_copy", "type", "float", "half", "bfloat16", "double", "getitem", "select", "narrow",
     "slice", "chunk", "split", "split_with_sizes", "unbind", "flip", "neg", "alias",
     "lift_fresh_copy", "movedim", "swapaxes", "mT", "conj", "resolve_conj", "resolve_neg",
 }
 SIZE_PRESERVING = {
-    "reshape", "view", "view_as", "permute", "transpose", "t", "flatten", "unflatten",
+    "reshape", "view", "view_as", "reshape_as", "type_as", "permute", "transpose", "t", "flatten", "unflatten",
     "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "double", "neg", "movedim",
 }
 BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
@@ -122,17 +122,19 @@ class Use:
 
 
 class Flow:
-    """Collects, per parameter id, kernel uses and the first non-kernel consumer."""
+    """Collects, per parameter id, kernel uses and the non-kernel consumers (the first one is the reason)."""
 
     def __init__(self) -> None:
         self.uses: dict[int, list[Use]] = {}
         self.reasons: dict[int, str] = {}
+        self.all_reasons: dict[int, set[str]] = {}
 
     def use(self, pid: int, op: str, via: tuple[str, ...], macs: int | None = None) -> None:
         self.uses.setdefault(pid, []).append(Use(op, via, macs))
 
     def consumed(self, pid: int, reason: str) -> None:
         self.reasons.setdefault(pid, reason)
+        self.all_reasons.setdefault(pid, set()).add(reason)
 
 
 def flat_slots(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int | str, Any]]:
@@ -154,8 +156,13 @@ def propagate(
     numel: Callable[[Any], int | None],
     weight_ndim: Callable[[Any], int | None],
     transposed: bool = False,
+    shape: Callable[[Any], tuple[int, ...] | None] | None = None,
 ) -> list[tuple[int, tuple[str, ...]]]:
-    """Apply one op to the tracking state; return the (param id, via) pairs its output carries."""
+    """Apply one op to the tracking state; return the (param id, via) pairs its output carries.
+
+    ``shape`` (optional; the export and runtime methods have shapes, fx does not) lets a product
+    tell a kernel modulated per sample (see :func:`_per_sample_modulation`) from a learned scale.
+    """
     family = _kernel_family(op)
     if family is not None:
         for slot, value in slots:
@@ -184,9 +191,10 @@ def propagate(
         known = [s for s in sizes if s is not None]
         largest = max(known) if known else None
         out = []
-        for (slot, value), size in zip(slots, sizes):
+        for (_slot, value), size in zip(slots, sizes):
             for pid, via in tracked(value):
-                if size is not None and largest is not None and size < largest:
+                if (size is not None and largest is not None and size < largest
+                        and not (op == "mul" and _per_sample_modulation(value, slots, shape))):
                     kind = "added to" if op in ("add", "sub") else "scales"
                     flow.consumed(pid, f"{kind} a larger tensor in {op} (a learned scale, offset or constant)")
                 else:
@@ -196,6 +204,30 @@ def propagate(
         for pid, _via in tracked(value):
             flow.consumed(pid, f"used by {op}")
     return []
+
+
+def _per_sample_modulation(value: Any, slots: list[tuple[int | str, Any]],
+                           shape: Callable[[Any], tuple[int, ...] | None] | None) -> bool:
+    """Whether ``value`` is a kernel that a product only broadcasts along a leading batch dim.
+
+    A modulated convolution multiplies its kernel ``(1, C_out, C_in, k, k)`` by per-sample styles
+    ``(B, 1, C_in, 1, 1)``. With a 1x1 kernel and few output channels (to-RGB layers) the styles
+    can hold more entries than the kernel, so "the smaller operand is a scale" would depend on the
+    batch size. The kernel keeps its identity when the product's shape equals its own in every
+    dimension but a leading one where it has size 1; a gain ``(C_out, 1, 1, 1)`` or a bias does not.
+    """
+    if shape is None:
+        return False
+    own = shape(value)
+    shapes = [shape(v) for _, v in slots if not isinstance(v, (bool, int, float, complex))]
+    if own is None or any(s is None for s in shapes):
+        return False
+    try:
+        out = tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))  # type: ignore[misc]
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    own = tuple(own)
+    return len(own) == len(out) >= 2 and own[0] == 1 and out[0] != 1 and own[1:] == out[1:]
 
 
 # --------------------------------------------------------------------------------------------

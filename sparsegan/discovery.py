@@ -32,30 +32,13 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from sparsegan.dataflow import (
-    BINARY_PASS,
-    Flow,
-    MATMUL_LIKE,
-    MODULE_KERNELS,
-    MODULE_REASONS,
-    SIZE_PRESERVING,
-    Use,
-    base_type,
-    flat_slots,
-    is_norm_module,
-    kernel_weight_of,
-    kernel_macs,
-    module_kernels,
-    op_name,
-    propagate,
-)
 from sparsegan._utils import (
     as_args,
     first_batch_size,
@@ -64,6 +47,23 @@ from sparsegan._utils import (
     outputs_match,
     preserved_state,
     unwrap_model,
+)
+from sparsegan.dataflow import (
+    BINARY_PASS,
+    MATMUL_LIKE,
+    MODULE_KERNELS,
+    MODULE_REASONS,
+    SIZE_PRESERVING,
+    Flow,
+    Use,
+    base_type,
+    flat_slots,
+    is_norm_module,
+    kernel_macs,
+    kernel_weight_of,
+    module_kernels,
+    op_name,
+    propagate,
 )
 
 __all__ = [
@@ -81,7 +81,7 @@ logger = logging.getLogger(__name__)
 METHODS: tuple[str, ...] = ("fx", "export", "runtime")
 """The discovery methods, in the order the cascade tries them."""
 
-ParameterFilter = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
+ParameterFilter = str | Sequence[str] | Callable[[str, torch.Tensor], bool]
 """A glob pattern, a list of glob patterns, or a callable ``(name, parameter) -> bool``."""
 
 
@@ -339,7 +339,8 @@ def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             continue
         op = op_name(node.target)
         transposed = op == "convolution" and len(node.args) > 6 and bool(node.args[6])
-        out = propagate(flow, op, flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed)
+        out = propagate(flow, op, flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed,
+                        shape=meta_shape)
         if out:
             values[node.name] = out
     return flow
@@ -377,7 +378,8 @@ class _RuntimeRecorder(TorchFunctionMode):
             return v.dim() if isinstance(v, torch.Tensor) else None
 
         before = {pid: len(u) for pid, u in self.flow.uses.items()}
-        carried = propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed)
+        carried = propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed,
+                            shape=lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
         cost = kernel_macs(op, args, kwargs, out, transposed)
         for pid, uses in self.flow.uses.items():
             for use in uses[before.get(pid, 0):]:
@@ -468,7 +470,10 @@ def discover(
             recorder = _RuntimeRecorder(params)
             with preserved_state(module):
                 module.eval()
-                with recorder:
+                # Grad mode on, even when discover() is called under no_grad: the recorder tells
+                # a trained use of a weight from a no-grad side computation (e.g. a spectral-norm
+                # power iteration) by the grad mode of the op.
+                with torch.enable_grad(), recorder:
                     output = module(*args, **kwargs)
             reference.update(flow=recorder.flow, output=output)
         return reference
@@ -559,6 +564,10 @@ def _records(
             method_used = method
         if not primary:
             skipped.append(SkippedParameter(names[0], shape, flow.reasons.get(pid, "not used in the forward pass")))
+            continue
+        if "embedding table" in flow.all_reasons.get(pid, ()) and all(_is_matmul_label(u.op) for u in primary):
+            # e.g. mimicry's SNEmbedding: the table's only products are its spectral-norm estimate
+            skipped.append(SkippedParameter(names[0], shape, f"embedding table (also used by {primary[0].op})"))
             continue
         if param.dim() < 2:
             skipped.append(SkippedParameter(names[0], shape, f"{param.dim()}-D parameter used by {primary[0].op}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
+
+# One intra-op thread: the models here are tiny, and on a small shared CPU OpenMP's spinning threads
+# make them 10-40x slower. Subprocesses (examples, DDP workers) inherit the environment variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 LATENT = 16
 

@@ -271,3 +271,34 @@ def test_report_lists_everything() -> None:
 def test_unknown_method_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown discovery method"):
         discover(ConvGenerator(), methods=["magic"])
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardisation as in timm's ``ScaledStdConv2d``: the kernel goes through
+    ``F.batch_norm`` and ``reshape_as`` before ``F.conv2d``; ``gain`` is the norm's affine weight."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(4, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, 4, -1), None, None, weight=self.gain.view(-1), training=True,
+                         momentum=0.0).reshape_as(self.weight)
+        return F.conv2d(x, w.type_as(x), self.bias, padding=1)
+
+
+@pytest.mark.parametrize("method", ["fx", "export", "runtime"])
+def test_standardized_weight_is_found_through_batch_norm_and_reshape_as(method: str) -> None:
+    result = discover(StandardizedConv(), X, methods=[method])
+    assert _ops(result) == {"weight": "conv2d"}
+    assert "batch_norm" in result["weight"].via
+    assert {s.name: s.reason for s in result.skipped}["gain"] == "normalization affine parameter"
+
+
+@pytest.mark.parametrize("method", ["fx", "export", "runtime"])
+def test_discovery_under_no_grad_finds_the_same_weights(method: str) -> None:
+    expected = discover(ScaledConv(), X, methods=[method])
+    with torch.no_grad():
+        result = discover(ScaledConv(), X, methods=[method])
+    assert result.names == expected.names and result.method == method
+    assert [w.macs_per_sample for w in result.weights] == [w.macs_per_sample for w in expected.weights]
