@@ -17,7 +17,10 @@ $(BIN)/.installed: pyproject.toml Makefile requirements/testbed.txt requirements
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/sparsegan demo --out demo-output
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.run_all --ngf 64 --ndf 64 --rounds 3
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

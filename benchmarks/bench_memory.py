@@ -50,6 +50,7 @@ def _child(tool: str) -> dict[str, Any]:
     from benchmarks.common import rss_bytes
 
     torch.manual_seed(0)
+    empty = rss_bytes()  # the baseline's start: before the model exists
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y = torch.randn(4, 3, 4, 4), torch.randint(10, (4,))
@@ -61,6 +62,7 @@ def _child(tool: str) -> dict[str, Any]:
     opt.step()
     opt.zero_grad(set_to_none=False)
     before = rss_bytes()
+    dense_state = before - empty  # weights + gradients + Adam moments (+ the tiny forward's buffers)
     if tool == "sparsegan":
         from sparsegan import SparseGANWrapper
         from sparsegan.strategies import DST
@@ -98,6 +100,10 @@ def _child(tool: str) -> dict[str, Any]:
     peak = _peak_bytes()
     return {
         "tool": tool, "masked_weights": masked, "mask_updates": updated,
+        "model_weights": sum(p.numel() for p in model.parameters()),
+        "dense_state_bytes_per_weight": dense_state / sum(p.numel() for p in model.parameters()),
+        "steady_vs_dense_state": (attached - before) / dense_state,
+        "after_update_vs_dense_state": (after - before) / dense_state,
         "steady_bytes_per_weight": (attached - before) / masked,
         "after_update_bytes_per_weight": (after - before) / masked,
         # None: the update's transient stayed below the process's earlier peak (model build / wrapping)
@@ -117,7 +123,8 @@ def run() -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--child", tool], cwd=ROOT,
                               capture_output=True, text=True, timeout=900, check=False)
         if done.returncode != 0:
-            results["tools"][tool] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+            results["tools"][tool] = {"error": last}
             continue
         results["tools"][tool] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
@@ -127,21 +134,31 @@ def to_markdown(res: dict[str, Any]) -> str:
     """A Markdown section with the results table."""
     lines = [
         ("Plain conv net (3->512 + ten 512->512 3x3 convs + linear head, 23.6M weights), Adam, density 0.1; "
-         "RSS deltas in fresh processes, per masked weight."),
+         "RSS deltas in fresh processes, per masked weight. Baseline, measured in the same processes: the dense "
+         "training state (weights + gradients + Adam moments) per model weight; the ratio columns give each "
+         "tool's overhead as a fraction of it."),
         "",
-        ("| tool | masked weights | steady overhead (B/weight) | after a mask update (B/weight) "
-         "| transient peak during update (B/weight) |"),
-        "|---|---|---|---|---|",
+        ("| tool | masked weights | dense training state (B/weight, baseline) | steady overhead (B/weight) "
+         "| ratio | after a mask update (B/weight) | ratio | transient peak during update (B/weight) |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for tool, r in res["tools"].items():
         if "error" in r:
-            lines.append(f"| {tool} | error: {r['error']} | | | |")
+            lines.append(f"| {tool} | error: {r['error']} | | | | | | |")
             continue
         peak = r["update_peak_bytes_per_weight"]
         peak_text = (f"{peak:.2f}" if peak is not None
                      else f"<= {r['earlier_peak_bytes_per_weight']:.2f} (below the earlier process peak)")
-        lines.append(f"| {tool} | {r['masked_weights'] / 1e6:.2f}M | {r['steady_bytes_per_weight']:.2f} | "
-                     f"{r['after_update_bytes_per_weight']:.2f} | {peak_text} |")
+        lines.append(f"| {tool} | {r['masked_weights'] / 1e6:.2f}M | {r['dense_state_bytes_per_weight']:.2f} | "
+                     f"{r['steady_bytes_per_weight']:.2f} | {r['steady_vs_dense_state']:.3f} | "
+                     f"{r['after_update_bytes_per_weight']:.2f} | {r['after_update_vs_dense_state']:.3f} | "
+                     f"{peak_text} |")
+    tools = res["tools"]
+    if all(t in tools and "error" not in tools[t] for t in ("sparsegan", "rigl")):
+        a, b = tools["sparsegan"], tools["rigl"]
+        lines += ["", (f"sparsegan / rigl-torch steady overhead per masked weight: "
+                       f"{a['steady_bytes_per_weight'] / b['steady_bytes_per_weight']:.2f}x; after a mask update: "
+                       f"{a['after_update_bytes_per_weight'] / b['after_update_bytes_per_weight']:.2f}x.")]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Per-iteration wall time of a wrapped GAN vs the same GAN unwrapped (dense), side by side.
 
-SNGAN-32 at its CIFAR size (G 4.28M / D 1.05M parameters, the torch-mimicry SNGAN32 widths
-ngf=256, ndf=128), batch 32, n_critic 5, Adam, hinge loss, CPU. Variants, each with its own
+SNGAN-32 (by default at its CIFAR size: G 4.28M / D 1.05M parameters, the torch-mimicry SNGAN32
+widths ngf=256, ndf=128; ``--ngf/--ndf`` for narrower copies of the same architecture), batch 32, n_critic 5, Adam, hinge loss, CPU. Variants, each with its own
 copy of the models: unwrapped dense; Static(0.1, 0.1); SDST(0.1, 0.1); DDST(0.1, 0.1) relax.
 Every wrapped variant runs the BR probe every 10 G steps (the paper's rate), and all use the
 paper's update intervals, so no mask update falls inside the timed blocks: the blocks measure the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -114,9 +115,14 @@ def _update_costs(run: _Run, repeats: int) -> dict[str, float]:
     return {"g_prune_and_grow_s": g_time, "d_density_step_s": d_time}
 
 
-def run(*, rounds: int = 4, block: int = 10, quick: bool = False) -> dict[str, Any]:
-    """Measure and return the results (see the module docs)."""
-    ngf, ndf, batch, n_critic = (32, 32, 8, 2) if quick else (256, 128, 32, 5)
+def run(*, rounds: int = 4, block: int = 10, quick: bool = False, ngf: int = 256, ndf: int = 128) -> dict[str, Any]:
+    """Measure and return the results (see the module docs).
+
+    ``ngf``/``ndf`` set the widths (default: torch-mimicry's SNGAN32). One iteration of the full
+    width costs ~1.4 TFLOP (n_critic 5, batch 32), i.e. 10-30 s on one CPU core, so a loaded
+    small machine may need narrower models (e.g. 64/64, ~16x cheaper) to finish in minutes.
+    """
+    ngf, ndf, batch, n_critic = (32, 32, 8, 2) if quick else (ngf, ndf, 32, 5)
     info = machine()
     variants: dict[str, Any] = {
         "dense (unwrapped)": None,
@@ -132,6 +138,8 @@ def run(*, rounds: int = 4, block: int = 10, quick: bool = False) -> dict[str, A
         order = runs[k % len(runs):] + runs[:k % len(runs)]
         times = {r.name: r.block(block) for r in order}
         per_round.append(times)
+        print(f"overhead round {k + 1}/{rounds}: " + ", ".join(f"{n} {t:.3f}s/it" for n, t in times.items()),
+              file=sys.stderr, flush=True)
     base = "dense (unwrapped)"
     results: dict[str, Any] = {"config": {"ngf": ngf, "ndf": ndf, "batch": batch, "n_critic": n_critic,
                                           "g_params": sum(p.numel() for p in runs[0].G.parameters()),
@@ -189,7 +197,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny models (checks that the script runs)")
+    parser.add_argument("--ngf", type=int, default=256, help="generator width (default 256, SNGAN32)")
+    parser.add_argument("--ndf", type=int, default=128, help="discriminator width (default 128, SNGAN32)")
     args = parser.parse_args()
-    result = run(rounds=args.rounds, quick=args.quick)
+    result = run(rounds=args.rounds, quick=args.quick, ngf=args.ngf, ndf=args.ndf)
     print(json.dumps(result, indent=2, default=str))
     print(to_markdown(result))

@@ -6,9 +6,12 @@ For N from 1M to 50M weights in 10 conv-shaped tensors (out = in channels, 3x3),
 * one global RigL update (``DynamicSparsity.prune_and_grow``, drop fraction 0.5: magnitude prune,
   gradient growth, optimizer-state reset at changed positions) - what SDST/DDST do on G;
 * one DDST density step of D (+0.05 of the weights, global gradient growth);
-* one mask enforcement (``MaskedWeights.apply_``) - what runs after every optimizer step.
+* one mask enforcement (``MaskedWeights.apply_``) - what runs after every optimizer step;
 
-Each is the best of 3. The scaling exponent is the slope of log(time) vs log(N).
+and, as the baseline measured in the same run on the same tensors, one dense ``Adam.step()``
+(what every training step already pays). Each is the best of 3; the ratios to the Adam step say
+how many optimizer steps one update costs. The scaling exponent is the slope of log(time) vs
+log(N).
 
 Run from the repository root: ``python -m benchmarks.bench_update [--sizes 1,2,5,10,25,50]``
 (millions of weights).
@@ -20,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import sys
 from typing import Any
 
 import torch
@@ -55,6 +59,8 @@ def _measure(total: int, density: float, repeats: int) -> dict[str, Any]:
     """Time one update, one density step and one enforcement at ``total`` weights."""
     weights, optimizer, algo = _setup(total, density)
     gen = torch.Generator().manual_seed(1)
+    t_adam, _ = best_of(optimizer.step, repeats)  # the baseline: one dense Adam step on the same weights
+    weights.apply_()  # the Adam steps moved inactive weights; masked training would have re-zeroed them
     t_update, all_update = best_of(lambda: algo.prune_and_grow(weights, optimizer, gen, 0.5), repeats)
     t_apply, _ = best_of(weights.apply_, repeats)
     ctrl = ControlledDensity(density, controller=DensityController(density), update=UpdateSchedule(1))
@@ -66,7 +72,9 @@ def _measure(total: int, density: float, repeats: int) -> dict[str, Any]:
 
     t_resize, _ = best_of(step_up, repeats)
     row = {"weights": weights.total, "prune_and_grow_s": t_update, "prune_and_grow_all_s": all_update,
-           "d_density_step_s": t_resize, "enforce_s": t_apply, "load_average": load_average()}
+           "d_density_step_s": t_resize, "enforce_s": t_apply, "adam_step_s": t_adam,
+           "prune_and_grow_vs_adam": t_update / t_adam, "d_density_step_vs_adam": t_resize / t_adam,
+           "enforce_vs_adam": t_apply / t_adam, "load_average": load_average()}
     return row
 
 
@@ -75,12 +83,14 @@ def run(*, sizes: tuple[float, ...] = DEFAULT_SIZES, density: float = 0.1, repea
     rows = []
     for millions in sizes:
         rows.append(_measure(int(millions * 1e6), density, repeats))
+        print(f"update benchmark: {millions}M weights, prune+grow {rows[-1]['prune_and_grow_s']:.3f}s",
+              file=sys.stderr, flush=True)
         gc.collect()  # free this size's tensors before the next
     ns = [r["weights"] for r in rows]
     result = {
         "density": density, "drop_fraction": 0.5, "rows": rows, "machine": machine(),
         "exponent": {key: fit_exponent(ns, [r[key] for r in rows])
-                     for key in ("prune_and_grow_s", "d_density_step_s", "enforce_s")},
+                     for key in ("prune_and_grow_s", "d_density_step_s", "enforce_s", "adam_step_s")},
     }
     at_25 = [r for r in rows if abs(r["weights"] - 25e6) / 25e6 < 0.02]
     result["prune_and_grow_at_25M_s"] = at_25[0]["prune_and_grow_s"] if at_25 else None
@@ -93,25 +103,28 @@ def to_markdown(res: dict[str, Any]) -> str:
         (f"10 conv tensors (C x C x 3 x 3), density {res['density']} (ERK), drop fraction "
          f"{res['drop_fraction']}, dense gradient and Adam state present; best of 3."),
         "",
-        ("| weights | one global prune+grow (s) | one D density step +0.05 (s) "
-         "| one mask enforcement (ms) |"),
-        "|---|---|---|---|",
+        ("| weights | dense Adam step (s, baseline) | one global prune+grow (s) | ratio to Adam step "
+         "| one D density step +0.05 (s) | ratio | one mask enforcement (ms) | ratio |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['weights'] / 1e6:.1f}M | {r['prune_and_grow_s']:.3f} | {r['d_density_step_s']:.3f} | "
-                     f"{r['enforce_s'] * 1e3:.1f} |")
+        lines.append(f"| {r['weights'] / 1e6:.1f}M | {r['adam_step_s']:.3f} | {r['prune_and_grow_s']:.3f} | "
+                     f"{r['prune_and_grow_vs_adam']:.1f}x | {r['d_density_step_s']:.3f} | "
+                     f"{r['d_density_step_vs_adam']:.1f}x | {r['enforce_s'] * 1e3:.1f} | {r['enforce_vs_adam']:.2f}x |")
     e = res["exponent"]
     at25 = res["prune_and_grow_at_25M_s"]
     verdict = "n/a" if at25 is None else ("met" if at25 <= 1.0 else "**missed**")
     lines += ["", (f"Scaling exponent (time ~ N^k): prune+grow k = {e['prune_and_grow_s']:.2f}, density step "
-                   f"k = {e['d_density_step_s']:.2f}, enforcement k = {e['enforce_s']:.2f}. "
+                   f"k = {e['d_density_step_s']:.2f}, enforcement k = {e['enforce_s']:.2f} "
+                   f"(dense Adam step k = {e['adam_step_s']:.2f}). "
                    f"Target <= 1 s at 25M: {'n/a' if at25 is None else f'{at25:.3f} s'} ({verdict}).")]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="millions of weights, comma-separated")
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                        help="millions of weights, comma-separated")
     args = parser.parse_args()
     result = run(sizes=tuple(float(s) for s in args.sizes.split(",")))
     print(json.dumps(result, indent=2, default=str))

@@ -83,6 +83,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _positive_int(text)
+
+
 def _bounds(text: str) -> tuple[float, float]:
     try:
         lower, upper = (float(v) for v in text.split(","))
@@ -124,6 +130,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--eval-samples", type=_positive_int, default=2000,
                    help="generated images for the metrics (default 2000)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', ...")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads for torch: a number, or 'auto' (default): torch's default, reduced to the "
+                        "cores other processes leave free (oversubscribed OpenMP threads can make CPU training "
+                        "10x slower)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--cache-dir", default=None,
@@ -146,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "samples.png, balance.png, metrics.json and checkpoint.pt to --out.")
     demo.add_argument("--strategy", type=_strategy, default="ddst",
                       help="dense, static, sdst, ddst (= ddst-relax), ddst-strict or dst (default ddst)")
-    _add_training_options(demo, steps=2000, out="runs/demo")
+    _add_training_options(demo, steps=700, out="runs/demo")
 
     compare = sub.add_parser("compare", help="Dense vs Static vs SDST vs DDST at the same G density",
                              description="Train each strategy with the same seeds and print the paper-style table.")
     compare.add_argument("--strategies", type=_strategy_list, default=list(COMPARE_DEFAULT),
                          help=f"comma-separated strategies (default {','.join(COMPARE_DEFAULT)})")
     compare.add_argument("--repeats", type=_positive_int, default=1, help="seeds per strategy, for mean ± std (default 1)")
-    _add_training_options(compare, steps=1500, out="runs/compare")
+    _add_training_options(compare, steps=1000, out="runs/compare")
 
     insp = sub.add_parser("inspect", help="show which weights sparsegan would mask in a module",
                           description="Print sparsegan.discover()'s report for MODULE:ATTR, where MODULE is a "
@@ -188,6 +198,40 @@ def _device(name: str) -> str:
     return name
 
 
+def choose_threads(requested: int | str = "auto", *, device: str = "cpu") -> int:
+    """The number of torch CPU threads to use.
+
+    ``"auto"`` keeps torch's default unless other processes already keep the cores busy (1-minute
+    load average): then it uses the cores left free, at least one. With more OpenMP threads than
+    free cores, every parallel region waits for a descheduled thread, and small CPU models were
+    measured to run 10-50x slower per iteration; one thread per free core avoids that. An explicit
+    ``OMP_NUM_THREADS`` is respected.
+    """
+    import torch
+
+    default = torch.get_num_threads()
+    if requested != "auto":
+        return int(requested)
+    if device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return default
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return default
+    free = (os.cpu_count() or default) - busy
+    return max(1, min(default, int(free + 0.5)))
+
+
+def _set_threads(args: argparse.Namespace, device: str) -> int:
+    import torch
+
+    threads = choose_threads(args.threads, device=device)
+    if threads != torch.get_num_threads():
+        logger.info("using %d CPU thread(s) (torch default %d)", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+    return threads
+
+
 def _load_data(args: argparse.Namespace) -> Any:
     from sparsegan.data import DatasetError, load_dataset
 
@@ -195,6 +239,8 @@ def _load_data(args: argparse.Namespace) -> Any:
         return load_dataset(args.data, image_size=args.image_size)
     except DatasetError as exc:
         raise CLIError(str(exc)) from None
+    except ImportError as exc:
+        raise CLIError(f"loading {args.data!r} needs {exc.name or exc}: pip install 'sparsegan[demo,metrics]'") from None
 
 
 def _config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
@@ -229,8 +275,11 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int, dict
 
 
 def _extractor(args: argparse.Namespace, size: int) -> Any:
-    from sparsegan.metrics import digits_feature_extractor
+    from sparsegan.metrics import cache_dir, digits_feature_extractor
 
+    folder = Path(args.cache_dir) if args.cache_dir else cache_dir()
+    if not any(folder.glob(f"digits-features-*-{size}px-*.pt")):
+        print(f"training the metric's digit classifier (first use; cached in {folder})", flush=True)
     start = time.perf_counter()
     net = digits_feature_extractor(size, cache=args.cache_dir)
     logger.info("feature extractor ready in %.1fs (held-out digit accuracy %.4f)", time.perf_counter() - start, net.accuracy)
@@ -295,8 +344,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     data = _load_data(args)
     config = _config(args, args.strategy, args.seed)
+    threads = _set_threads(args, config.device)
     print(f"sparsegan demo: {args.strategy} on {data.name} ({len(data)} images, {data.image_size}px), "
-          f"G density {args.g_density}, {args.steps} iterations, device {config.device}")
+          f"G density {args.g_density}, {args.steps} iterations, device {config.device}"
+          + (f" ({threads} thread{'s' * (threads > 1)})" if config.device == "cpu" else ""), flush=True)
     try:
         extractor = _extractor(args, data.image_size)
     except Exception as exc:  # noqa: BLE001 - metrics are a bonus: the demo still trains
@@ -425,8 +476,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = _out_dir(args.out)
     data = _load_data(args)
     strategies = list(dict.fromkeys(args.strategies))
+    threads = _set_threads(args, _device(args.device))
     print(f"sparsegan compare: {', '.join(strategies)} on {data.name} ({len(data)} images, {data.image_size}px), "
-          f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s)")
+          f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s), {threads} CPU thread(s)",
+          flush=True)
     extractor = _extractor(args, data.image_size)
     real_features = extract_features(extractor, data.images)
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
@@ -582,6 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("MPLBACKEND") is None:
         os.environ["MPLBACKEND"] = "Agg"
     commands = {"demo": _cmd_demo, "compare": _cmd_compare, "inspect": _cmd_inspect}
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         return commands[args.command](args)
     except CLIError as exc:
@@ -590,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if torch.get_num_threads() != threads:  # main() called in-process (tests, notebooks): restore
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -159,3 +159,21 @@ def test_python_dash_m_and_the_console_script() -> None:
         pytest.skip("the sparsegan console script is not installed (pip install -e .)")
     done = subprocess.run([script, "--help"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0 and "demo" in done.stdout and "compare" in done.stdout and "inspect" in done.stdout
+
+
+def test_thread_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from sparsegan.cli import choose_threads
+
+    default = torch.get_num_threads()
+    assert choose_threads(3) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert choose_threads("auto") == default  # an idle machine: torch's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    assert choose_threads("auto") == 1  # every core busy: one thread, never zero
+    assert choose_threads("auto", device="cuda") == default
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads("auto") == default  # the user's explicit setting wins

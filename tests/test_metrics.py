@@ -67,11 +67,11 @@ def test_frechet_distance_matches_torchmetrics_and_pytorch_fid() -> None:
     metric = FrechetInceptionDistance(feature=net)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    assert _rel(ours, float(metric.compute())) < 1e-6
+    assert _rel(ours, float(metric.compute())) < 1e-8  # the bar; measured ~1e-15
 
     (mu1, s1), (mu2, s2) = feature_statistics(f_real), feature_statistics(f_fake)
     reference = calculate_frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy())
-    assert _rel(ours, float(reference)) < 1e-6
+    assert _rel(ours, float(reference)) < 1e-8
     assert ours > 0.01
 
 
