@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsegan._utils import module_device
+
 __all__ = [
     "import_mimicry",
     "sngan32",
@@ -258,11 +260,6 @@ def is_conditional(model: nn.Module) -> bool:
     return int(getattr(model, "num_classes", 0) or 0) > 0
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def latent(generator: nn.Module, *, device: torch.device | str | None = None,
            generator_rng: torch.Generator | None = None) -> Callable[[int], Any]:
     """A latent sampler for the wrapper's ``latent=`` argument.
@@ -289,7 +286,7 @@ def latent(generator: nn.Module, *, device: torch.device | str | None = None,
     num_classes = int(getattr(generator, "num_classes", 0) or 0)
 
     def sample(n: int) -> Any:
-        where = torch.device(device) if device is not None else _device(generator)
+        where = module_device(generator, device)
         z = torch.randn(n, nz, generator=generator_rng).to(where)
         if num_classes > 0:
             y = torch.randint(num_classes, (n,), generator=generator_rng).to(where)

@@ -54,6 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsegan._utils import module_device
+
 __all__ = [
     "import_stylegan2",
     "build",
@@ -185,11 +187,6 @@ def build(image_size: int = 32, latent_dim: int = 64, network_capacity: int = 4,
     return G, D, S
 
 
-def _device(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def image_noise(n: int, image_size: int, *, device: torch.device | str = "cpu",
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """lucidrains' ``image_noise`` without its ``.cuda()``: uniform ``(n, size, size, 1)``."""
@@ -227,7 +224,7 @@ def latent(G: nn.Module, S: nn.Module | None = None, *, mixed_prob: float = 0.0,
     latent_dim, num_layers, image_size = G.latent_dim, G.num_layers, G.image_size
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        where = torch.device(device) if device is not None else _device(G)
+        where = module_device(G, device)
         mix = mixed_prob > 0 and float(torch.rand((), generator=generator)) < mixed_prob
         split = int(torch.randint(1, num_layers, (), generator=generator)) if mix and num_layers > 1 else num_layers
         parts = []
@@ -273,7 +270,7 @@ class MappedGenerator(nn.Module):
         """A sampler of this module's inputs: ``n -> (z, noise)``."""
 
         def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            where = torch.device(device) if device is not None else _device(self)
+            where = module_device(self, device)
             z = torch.randn(n, self.G.latent_dim, generator=generator).to(where)
             return z, image_noise(n, self.G.image_size, device=where, generator=generator)
 

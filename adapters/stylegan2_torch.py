@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsegan._utils import module_device
+
 __all__ = [
     "import_stylegan2_torch",
     "upfirdn2d_native",
@@ -243,8 +245,7 @@ def latent(G: nn.Module, *, device: torch.device | str | None = None,
         raise TypeError(f"{type(G).__name__} has no integer 'latent_dim'; pass a stylegan2_torch Generator")
 
     def sample(n: int) -> tuple[list[torch.Tensor]]:
-        param = next(G.parameters(), None)
-        where = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+        where = module_device(G, device)
         return ([torch.randn(n, latent_dim, generator=generator).to(where)],)
 
     return sample

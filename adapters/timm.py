@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsegan._utils import module_device
+
 __all__ = ["TimmDiscriminator", "discriminator", "default_input_size"]
 
 logger = logging.getLogger(__name__)
@@ -164,9 +166,7 @@ def _check_runs(d: TimmDiscriminator, name: str, img_size: int, in_chans: int) -
     d.eval()
     try:
         with torch.no_grad():
-            param = next(d.parameters(), None)
-            x = torch.zeros(2, in_chans, img_size, img_size,
-                            device=param.device if param is not None else None)
+            x = torch.zeros(2, in_chans, img_size, img_size, device=module_device(d))
             out = d(x)
     except Exception as exc:  # re-raised with the fix
         raise ValueError(

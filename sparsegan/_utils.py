@@ -107,6 +107,14 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+def module_device(module: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given, else the device of the module's first parameter (CPU if it has none)."""
+    if device is not None:
+        return torch.device(device)
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def isolated_rng(seed: int | None = None) -> Iterator[None]:
     """Run a block without touching the global RNG streams (CPU and every initialised CUDA device).

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from sparsegan._utils import as_args, isolated_rng, preserved_state
+from sparsegan._utils import as_args, isolated_rng, module_device, preserved_state
 
 __all__ = ["BalanceRatio", "BalanceProbe", "DensityController", "Decision", "check_bounds"]
 
@@ -190,9 +190,9 @@ class BalanceProbe:
                     batch = next(self._iterator)
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
-        param = next(self.discriminator.parameters(), None)
-        if isinstance(batch, torch.Tensor) and param is not None and batch.device != param.device:
-            batch = batch.to(param.device, non_blocking=True)  # a CPU DataLoader feeding a GPU model
+        device = module_device(self.discriminator)
+        if isinstance(batch, torch.Tensor) and batch.device != device:
+            batch = batch.to(device, non_blocking=True)  # a CPU DataLoader feeding a GPU model
         return batch
 
     @staticmethod
