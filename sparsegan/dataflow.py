@@ -126,15 +126,15 @@ class Flow:
 
     def __init__(self) -> None:
         self.uses: dict[int, list[Use]] = {}
-        self.reasons: dict[int, str] = {}
-        self.all_reasons: dict[int, set[str]] = {}
+        self.reasons: dict[int, list[str]] = {}  # in order; the first one is reported
 
     def use(self, pid: int, op: str, via: tuple[str, ...], macs: int | None = None) -> None:
         self.uses.setdefault(pid, []).append(Use(op, via, macs))
 
     def consumed(self, pid: int, reason: str) -> None:
-        self.reasons.setdefault(pid, reason)
-        self.all_reasons.setdefault(pid, set()).add(reason)
+        reasons = self.reasons.setdefault(pid, [])
+        if reason not in reasons:
+            reasons.append(reason)
 
 
 def flat_slots(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[int | str, Any]]:

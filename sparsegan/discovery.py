@@ -563,9 +563,9 @@ def _records(
         else:
             method_used = method
         if not primary:
-            skipped.append(SkippedParameter(names[0], shape, flow.reasons.get(pid, "not used in the forward pass")))
+            skipped.append(SkippedParameter(names[0], shape, flow.reasons.get(pid, ["not used in the forward pass"])[0]))
             continue
-        if "embedding table" in flow.all_reasons.get(pid, ()) and all(_is_matmul_label(u.op) for u in primary):
+        if "embedding table" in flow.reasons.get(pid, ()) and all(_is_matmul_label(u.op) for u in primary):
             # e.g. mimicry's SNEmbedding: the table's only products are its spectral-norm estimate
             skipped.append(SkippedParameter(names[0], shape, f"embedding table (also used by {primary[0].op})"))
             continue
