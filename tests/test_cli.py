@@ -166,14 +166,21 @@ def test_thread_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from sparsegan.cli import choose_threads
 
-    default = torch.get_num_threads()
-    assert choose_threads(3) == 3
+    # a made-up 8-core machine where torch defaults to 8 threads (the test suite itself runs on 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert choose_threads("auto") == default  # an idle machine: torch's default
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
-    assert choose_threads("auto") == 1  # every core busy: one thread, never zero
-    assert choose_threads("auto", device="cuda") == default
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert choose_threads("auto") == default  # the user's explicit setting wins
+    previous = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        assert choose_threads(3) == 3
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert choose_threads("auto") == 8  # an idle machine: torch's default
+        monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 0.0, 0.0))
+        assert choose_threads("auto") == 3  # the cores left free
+        monkeypatch.setattr(os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+        assert choose_threads("auto") == 1  # every core busy: one thread, never zero
+        assert choose_threads("auto", device="cuda") == 8
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")
+        assert choose_threads("auto") == 8  # the user's explicit setting wins
+    finally:
+        torch.set_num_threads(previous)
