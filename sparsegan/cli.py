@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", type=_strategy_list, default=list(COMPARE_DEFAULT),
                          help=f"comma-separated strategies (default {','.join(COMPARE_DEFAULT)})")
     compare.add_argument("--repeats", type=_positive_int, default=1, help="seeds per strategy, for mean ± std (default 1)")
+    compare.add_argument("--jobs", type=_positive_int, default=1,
+                         help="runs trained in parallel worker processes, CPU only (default 1); the --threads are "
+                              "divided among them")
     _add_training_options(compare, steps=1000, out="runs/compare")
 
     insp = sub.add_parser("inspect", help="show which weights sparsegan would mask in a module",
@@ -468,44 +472,101 @@ def compare_table(rows: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _CompareRun:
+    """One finished ``compare`` run, as a worker process hands it back (no modules, only data)."""
+
+    name: str
+    seed: int
+    record: dict[str, Any]
+    history: dict[str, list[Any]]
+    balance: list[tuple[int, float, float]]
+    samples: Any  # a (64, C, H, W) CPU tensor for the first seed, else None
+    wall_time: float
+
+
+def _compare_one(args: argparse.Namespace, name: str, seed: int, data: Any, extractor: Any, real_features: Any,
+                 progress: bool) -> _CompareRun:
+    """Train and evaluate one (strategy, seed) of ``compare``; runs in the main process or a worker."""
+    from sparsegan.training import generate, train
+
+    config = _config(args, name, seed)
+    update, close = _progress(args.steps, f"{name} seed {seed}", progress)
+    try:
+        result = train(config, data, callback=update)
+    except ValueError as exc:
+        raise CLIError(f"{name}: {exc}") from None
+    finally:
+        close()
+    record = {"seed": seed, "summary": result.summary(),
+              "metrics": _evaluate(result, data, extractor, real_features, args.eval_samples),
+              "history": result.history, "balance": result.balance}
+    samples = (generate(result.ema_generator, 64, config.latent_dim, seed=seed + 20_000)
+               if seed == args.seed else None)
+    return _CompareRun(name, seed, record, result.history, result.balance, samples, result.wall_time)
+
+
+def _compare_worker(job: tuple[argparse.Namespace, str, int, int, dict[str, Any]]) -> _CompareRun:
+    """A worker process's share of ``compare --jobs``: the main process's extractor, rebuilt here."""
+    import torch
+
+    from sparsegan.metrics import DigitsFeatureExtractor, extract_features
+
+    args, name, seed, threads, saved = job
+    torch.set_num_threads(threads)
+    data = _load_data(args)
+    extractor = DigitsFeatureExtractor(data.image_size)
+    extractor.load_state_dict(saved["state_dict"])
+    extractor.accuracy = saved["accuracy"]
+    extractor.eval().requires_grad_(False)
+    return _compare_one(args, name, seed, data, extractor, extract_features(extractor, data.images), progress=False)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from sparsegan.metrics import extract_features
-    from sparsegan.training import generate, plot_runs, save_image_grid, train
+    from sparsegan.training import plot_runs, save_image_grid
 
     begin = time.perf_counter()
     out = _out_dir(args.out)
     data = _load_data(args)
     strategies = list(dict.fromkeys(args.strategies))
     threads = _set_threads(args, _device(args.device))
+    jobs = [(name, args.seed + repeat) for repeat in range(args.repeats) for name in strategies]
+    workers = min(args.jobs, len(jobs))
+    if workers > 1 and not _device(args.device).startswith("cpu"):
+        raise CLIError("--jobs > 1 runs on CPU only (the runs would share one accelerator); use --device cpu or --jobs 1")
+    per_worker = max(1, threads // workers)
     print(f"sparsegan compare: {', '.join(strategies)} on {data.name} ({len(data)} images, {data.image_size}px), "
-          f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s), {threads} CPU thread(s)",
+          f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s), "
+          + (f"{workers} worker processes x {per_worker} CPU thread(s)" if workers > 1 else f"{threads} CPU thread(s)"),
           flush=True)
-    extractor = _extractor(args, data.image_size)
-    real_features = extract_features(extractor, data.images)
+    extractor = _extractor(args, data.image_size)  # trained (and cached) once, handed to the workers
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
-    curves: dict[str, Any] = {}
-    for repeat in range(args.repeats):
-        seed = args.seed + repeat
-        for name in strategies:
-            config = _config(args, name, seed)
-            update, close = _progress(args.steps, f"{name} seed {seed}", not args.no_progress)
-            try:
-                result = train(config, data, callback=update)
-            except ValueError as exc:
-                raise CLIError(f"{name}: {exc}") from None
-            finally:
-                close()
-            record = {"seed": seed, "summary": result.summary(),
-                      "metrics": _evaluate(result, data, extractor, real_features, args.eval_samples),
-                      "history": result.history, "balance": result.balance}
-            rows[name].append(record)
-            if repeat == 0:
-                curves[name] = result
-                save_image_grid(generate(result.ema_generator, 64, config.latent_dim, seed=seed + 20_000),
-                                out / f"samples_{name}.png")
-            g = record["metrics"]["generator"]
-            print(f"  {name:12s} seed {seed}: FD {g['fd']:.3f}  D density {record['summary']['d_density']:.3f}  "
-                  f"FLOPs total {record['summary']['flops_ratio']['total']:.3f}  {result.wall_time:.0f}s", flush=True)
+    curves: dict[str, _CompareRun] = {}
+
+    def finished(run: _CompareRun) -> None:
+        rows[run.name].append(run.record)
+        if run.samples is not None:
+            curves[run.name] = run
+            save_image_grid(run.samples, out / f"samples_{run.name}.png")
+        g = run.record["metrics"]["generator"]
+        summary = run.record["summary"]
+        print(f"  {run.name:12s} seed {run.seed}: FD {g['fd']:.3f}  D density {summary['d_density']:.3f}  "
+              f"FLOPs total {summary['flops_ratio']['total']:.3f}  {run.wall_time:.0f}s", flush=True)
+
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child of a process that has run torch's thread pools can deadlock
+        saved = {"state_dict": extractor.state_dict(), "accuracy": extractor.accuracy}
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for run in pool.map(_compare_worker, [(args, name, seed, per_worker, saved) for name, seed in jobs]):
+                finished(run)
+    else:
+        real_features = extract_features(extractor, data.images)
+        for name, seed in jobs:
+            finished(_compare_one(args, name, seed, data, extractor, real_features, progress=not args.no_progress))
     table = compare_table(rows)
     bounds = args.br_bounds or (0.45, 0.55)
     plot_runs(curves, out / "compare.png", bounds=bounds)

@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from sparsegan.wrapper import SparseGANWrapper
 
 __all__ = [
     "STRATEGY_NAMES",
+    "RunCurves",
     "SNGANDiscriminator",
     "SNGANGenerator",
     "Schedule",
@@ -438,6 +439,13 @@ def generate(generator: nn.Module, n: int, latent_dim: int, *, seed: int = 1234,
 Callback = Callable[[int, dict[str, Any]], None]
 
 
+class RunCurves(Protocol):
+    """What :func:`plot_runs` reads from a run: :attr:`TrainResult.history` and :attr:`TrainResult.balance`."""
+
+    history: dict[str, list[Any]]
+    balance: list[tuple[int, float, float]]
+
+
 def train(config: TrainConfig, data: ImageDataset, *, callback: Callback | None = None) -> TrainResult:
     """Train an SNGAN on ``data`` with the configured sparse strategy.
 
@@ -561,12 +569,13 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], *, nrow:
     matplotlib.image.imsave(os.fspath(path), grid.permute(1, 2, 0).numpy())
 
 
-def plot_runs(runs: Mapping[str, TrainResult], path: str | os.PathLike[str], *,
+def plot_runs(runs: Mapping[str, RunCurves], path: str | os.PathLike[str], *,
               bounds: tuple[float, float] | None = (0.45, 0.55)) -> None:
     """Plot the balance ratio (with its bounds) and the G/D densities over training, one line per run.
 
     Args:
-        runs: Runs by label.
+        runs: Runs by label: :class:`TrainResult` objects, or anything with their ``history`` and
+            ``balance`` attributes (see :class:`RunCurves`).
         path: Output PNG.
         bounds: BR bounds to shade (``None``: none).
     """

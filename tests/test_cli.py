@@ -94,6 +94,29 @@ def test_compare_repeats_give_mean_and_std(tmp_path: Path, capsys: pytest.Captur
     assert [r["seed"] for r in runs] == [0, 1]
 
 
+def test_compare_jobs_in_worker_processes_match_the_sequential_runs(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--steps", "4", "--strategies", "static,ddst", "--repeats", "2"]
+    assert main(["compare", *_tiny(tmp_path / "seq"), *args, "--threads", "1"]) == 0
+    assert main(["compare", *_tiny(tmp_path / "par"), *args, "--threads", "2", "--jobs", "2"]) == 0
+    assert "2 worker processes x 1 CPU thread(s)" in capsys.readouterr().out
+    seq = json.loads((tmp_path / "seq" / "compare.json").read_text())["runs"]
+    par = json.loads((tmp_path / "par" / "compare.json").read_text())["runs"]
+    for name in ("static", "ddst"):
+        assert [r["seed"] for r in par[name]] == [0, 1]
+        for a, b in zip(seq[name], par[name], strict=True):
+            # same seeds, same extractor (handed to the workers), one thread: the same numbers
+            assert b["metrics"]["generator"]["fd"] == pytest.approx(a["metrics"]["generator"]["fd"], rel=1e-6)
+            assert b["history"]["g_loss"] == pytest.approx(a["history"]["g_loss"], rel=1e-6)
+            assert b["summary"]["d_density"] == a["summary"]["d_density"]
+    assert (tmp_path / "par" / "samples_ddst.png").stat().st_size > 0
+
+
+def test_compare_jobs_need_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", *_tiny(tmp_path / "x")[:-2], "--device", "meta", "--jobs", "2"]) == 2
+    assert "--jobs > 1 runs on CPU only" in capsys.readouterr().err
+
+
 def test_inspect_a_file_and_a_module_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_file = tmp_path / "my_models.py"
     model_file.write_text(
