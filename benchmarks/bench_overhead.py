@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import best_of, load_average, machine
 from sparsegan import SparseGANWrapper, discover
-from sparsegan.balance import DensityController
+from sparsegan.balance import BalanceProbe, DensityController
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, UpdateSchedule
 from sparsegan.strategies import DDST, SDST, DynamicSparsity, Static
@@ -115,6 +115,39 @@ def _update_costs(run: _Run, repeats: int) -> dict[str, float]:
     return {"g_prune_and_grow_s": g_time, "d_density_step_s": d_time}
 
 
+def component_costs(*, ngf: int = 256, ndf: int = 128, batch: int = 32, n_critic: int = 5, br_every: int = 10,
+                    repeats: int = 3) -> dict[str, Any]:
+    """The wrapper's added work per iteration, timed piece by piece (best of ``repeats``).
+
+    Wall-clock ratios of whole iterations carry the machine's noise (several percent on a shared
+    CPU); the pieces are small and timed by their minimum, so their sum bounds the overhead more
+    tightly: ``(n_critic + 1)`` mask enforcements of both networks (an upper bound: each optimizer
+    step enforces only its own network) plus one BR probe sample every ``br_every`` iterations,
+    against one dense iteration. The forward pre-hook's staleness check (a comparison of
+    parameter version counters) is not included.
+    """
+    dense = _Run("dense", None, ngf, ndf, batch, n_critic, seed=0)
+    static = _Run("Static", Static(0.1, 0.1), ngf, ndf, batch, n_critic, seed=0)
+    dense.block(1)
+    static.block(1)
+    t_iteration, _ = best_of(dense.iteration, repeats)
+    assert static.sg is not None
+    t_enforce, _ = best_of(static.sg.apply_masks, max(5, repeats))
+    real = static.real
+    probe = BalanceProbe(static.G, static.D, lambda n: torch.randn(n, LATENT),
+                         lambda n: real[torch.randint(len(real), (n,))], batch_size=batch)
+
+    def probe_sample() -> None:
+        probe.before_step()
+        probe.after_step()
+
+    t_probe, _ = best_of(probe_sample, repeats)
+    added = (n_critic + 1) * t_enforce + t_probe / br_every
+    return {"dense_iteration_s": t_iteration, "enforce_both_s": t_enforce, "probe_sample_s": t_probe,
+            "added_per_iteration_s": added, "estimated_ratio": 1.0 + added / t_iteration,
+            "config": {"ngf": ngf, "ndf": ndf, "batch": batch, "n_critic": n_critic, "br_every": br_every}}
+
+
 def run(*, rounds: int = 4, block: int = 10, quick: bool = False, ngf: int = 256, ndf: int = 128) -> dict[str, Any]:
     """Measure and return the results (see the module docs).
 
@@ -162,6 +195,7 @@ def run(*, rounds: int = 4, block: int = 10, quick: bool = False, ngf: int = 256
             entry["target"] = targets[r.name]
         results["variants"][r.name] = entry
     results["update_costs_s"] = costs
+    results["components"] = component_costs(ngf=ngf, ndf=ndf, batch=batch, n_critic=n_critic)
     results["per_round_s"] = per_round
     results["machine"]["load_average_at_end"] = load_average()
     return results
@@ -187,10 +221,22 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v['iteration_s_median']:.3f} | {ratio} | {with_updates} | "
                      f"{'-' if target is None else f'<= {target:.2f}'} | {met} |")
     u = res["update_costs_s"]
+    if "components" in res:
+        lines += ["", components_markdown(res["components"])]
     lines += ["", (f"One global G prune-and-grow (drop fraction 0.5, {c['g_params'] / 1e6:.2f}M-parameter G): "
                    f"{u['g_prune_and_grow_s'] * 1e3:.1f} ms, amortized over 500 G steps; one D density step "
                    f"(+0.05 by gradient): {u['d_density_step_s'] * 1e3:.1f} ms, amortized over 200 iterations.")]
     return "\n".join(lines)
+
+
+def components_markdown(c: dict[str, Any]) -> str:
+    """One paragraph on :func:`component_costs`."""
+    return (f"Piece by piece (best of 3; less noisy than the interleaved blocks): one dense iteration "
+            f"{c['dense_iteration_s']:.3f} s; enforcing both networks' masks {c['enforce_both_s'] * 1e3:.1f} ms, "
+            f"{c['config']['n_critic'] + 1} times per iteration (upper bound); one BR probe sample "
+            f"{c['probe_sample_s'] * 1e3:.0f} ms every {c['config']['br_every']} iterations; added "
+            f"{c['added_per_iteration_s'] * 1e3:.0f} ms per iteration, an estimated ratio of "
+            f"**{c['estimated_ratio']:.3f}x** for Static (DDST adds the amortized updates above).")
 
 
 if __name__ == "__main__":
@@ -199,7 +245,14 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="tiny models (checks that the script runs)")
     parser.add_argument("--ngf", type=int, default=256, help="generator width (default 256, SNGAN32)")
     parser.add_argument("--ndf", type=int, default=128, help="discriminator width (default 128, SNGAN32)")
+    parser.add_argument("--components-only", action="store_true",
+                        help="only the piece-by-piece estimate (minutes instead of the interleaved blocks)")
     args = parser.parse_args()
+    if args.components_only:
+        parts = component_costs(ngf=args.ngf, ndf=args.ndf)
+        print(json.dumps(parts, indent=2))
+        print(components_markdown(parts))
+        raise SystemExit(0)
     result = run(rounds=args.rounds, quick=args.quick, ngf=args.ngf, ndf=args.ndf)
     print(json.dumps(result, indent=2, default=str))
     print(to_markdown(result))

@@ -16,8 +16,9 @@ Usage::
 
     python -m benchmarks.br_calibration --out results/calibration --jobs 2
 
-Not part of the test run. The recommended bounds it prints are a band around the BR of the best
-D density; pass them to ``sparsegan compare --br-bounds LOW,HIGH``.
+Not part of the test run. The bounds it suggests are the BR band of the good sparse runs (FD within
+``--tolerance`` of the best; see :func:`recommended_bounds`); pass them to
+``sparsegan compare --br-bounds LOW,HIGH``. ``--from-json`` rewrites the table from an earlier run.
 """
 
 from __future__ import annotations
@@ -88,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
+    parser.add_argument("--tolerance", type=float, default=1.25,
+                        help="runs with FD <= tolerance x the best sparse FD define the recommended BR band")
     parser.add_argument("--out", default="results/calibration")
+    parser.add_argument("--from-json", default=None, help="rewrite the table and plot from this calibration.json")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key in ("g_density", "steps", "n_critic", "channels", "seeds", "eval_samples", "jobs"):
+            setattr(args, key, saved["args"][key])
+        return _write(args, out, saved["runs"], saved.get("elapsed_s", float("nan")))
     base = {"iterations": args.steps, "n_critic": args.n_critic, "g_channels": args.channels,
             "d_channels": args.channels, "schedule": "compressed"}
     specs = []
@@ -118,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record['label']:14s} seed {record['seed']}: BR(late) {record['br_late_mean']}  "
                   f"D loss {record['d_loss_end']:.3f}  FD {record['fd']:.2f} (EMA {record['fd_ema']:.2f})  "
                   f"{record['wall_time_s']:.0f}s", flush=True)
-    elapsed = time.perf_counter() - begin
+    return _write(args, out, records, time.perf_counter() - begin)
 
+
+def _write(args: argparse.Namespace, out: Path, records: list[dict[str, Any]], elapsed: float) -> int:
     labels = list(dict.fromkeys(r["label"] for r in records))
     lines = [f"G density {args.g_density}, {args.steps} iterations, n_critic {args.n_critic}, width {args.channels}, "
              f"digits 16px, {args.seeds} seed(s); BR = mean of per-sample BR over the second half of training; "
@@ -127,25 +138,33 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.jobs} worker(s).", "",
              "| run | BR (late mean) | BR (late median) | D hinge loss (end) | FD (G) ↓ | FD (EMA) ↓ |",
              "|---|---|---|---|---|---|"]
-    best_label, best_fd = None, math.inf
     for label in labels:
         rows = [r for r in records if r["label"] == label]
-        fd_mean = statistics.fmean(r["fd"] for r in rows)
-        if label != "dense" and fd_mean < best_fd:
-            best_label, best_fd = label, fd_mean
         lines.append(f"| {label} | {_mean_std([r['br_late_mean'] for r in rows])} | "
                      f"{_mean_std([r['br_late_median'] for r in rows])} | {_mean_std([r['d_loss_end'] for r in rows])} | "
                      f"{_mean_std([r['fd'] for r in rows])} | {_mean_std([r['fd_ema'] for r in rows])} |")
-    if best_label is not None:
-        best = [r["br_late_mean"] for r in records if r["label"] == best_label and r["br_late_mean"] is not None]
-        centre = statistics.fmean(best) if best else float("nan")
-        lines += ["", f"Best sparse D density by mean FD: {best_label} (FD {best_fd:.3g}); its late BR {centre:.3g}. "
-                  f"A band of ±10 % around it: ({0.9 * centre:.3g}, {1.1 * centre:.3g})."]
+    band = recommended_bounds(records, tolerance=args.tolerance)
+    if band is not None:
+        lines += ["", f"Sparse runs with FD within {args.tolerance:g}x of the best sparse run ended with a late BR in "
+                  f"({band[0]:.3g}, {band[1]:.3g}): candidate DDST bounds `--br-bounds {band[0]:.2g},{band[1]:.2g}`."]
     (out / "calibration.md").write_text("\n".join(lines) + "\n")
-    (out / "calibration.json").write_text(json.dumps({"args": vars(args), "runs": records}, indent=1, default=str))
+    (out / "calibration.json").write_text(json.dumps({"args": vars(args), "runs": records, "elapsed_s": elapsed}, indent=1, default=str))
     _plot(records, out / "calibration.png")
     print("\n".join(lines))
     return 0
+
+
+def recommended_bounds(records: list[dict[str, Any]], *, tolerance: float = 1.25) -> tuple[float, float] | None:
+    """The BR band of the good sparse runs: ``(min, max)`` late BR of the non-dense runs whose FD is
+    at most ``tolerance`` times the best non-dense FD (the paper's "FID is best in a middle band of
+    BR", read off this sweep). ``None`` without such runs."""
+    sparse = [r for r in records if r["strategy"] != "dense" and r["br_late_mean"] is not None
+              and math.isfinite(r["fd"])]
+    if not sparse:
+        return None
+    best = min(r["fd"] for r in sparse)
+    good = [r["br_late_mean"] for r in sparse if r["fd"] <= tolerance * best]
+    return (min(good), max(good)) if len(good) >= 2 else None
 
 
 def _plot(records: list[dict[str, Any]], path: Path) -> None:
