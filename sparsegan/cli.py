@@ -1,6 +1,6 @@
 """The ``sparsegan`` command line: ``demo``, ``compare`` and ``inspect``.
 
-* ``sparsegan demo``: train a small SNGAN with a sparse strategy (DDST by default) on an embedded
+* ``sparsegan demo``: train a small SNGAN with a sparse strategy (DDST-strict by default) on an embedded
   dataset (scikit-learn's digits) or your own images, with a progress bar; write a sample grid,
   a plot of the balance ratio and the densities, metrics JSON and a checkpoint.
 * ``sparsegan compare``: Dense, Static, SDST, DDST-relax and DDST-strict at the same generator
@@ -37,6 +37,15 @@ __all__ = ["CLIError", "build_parser", "main"]
 logger = logging.getLogger("sparsegan.cli")
 
 COMPARE_DEFAULT = ("dense", "static", "sdst", "ddst-relax", "ddst-strict")
+
+PAPER_BR_BOUNDS = (0.45, 0.55)
+"""The paper's DDST bounds, chosen for SNGAN on CIFAR-10 (G 4.3M weights); ``--br-bounds paper``."""
+
+CALIBRATED_BR_BOUNDS = (0.029, 0.066)
+"""The command line's default DDST bounds: the BR band of the good Static runs of its own SNGAN
+(width 32, n_critic 2, G density 0.1) on digits, measured by ``python -m benchmarks.br_calibration``
+(``results/calibration/calibration.md``). The balance ratio scales with the number of active G
+weights, so the paper's bounds do not fit a model ~100x smaller; recalibrate for other settings."""
 
 
 class CLIError(Exception):
@@ -91,6 +100,8 @@ def _threads(text: str) -> int | str:
 
 
 def _bounds(text: str) -> tuple[float, float]:
+    if text.strip().lower() == "paper":
+        return PAPER_BR_BOUNDS
     try:
         lower, upper = (float(v) for v in text.split(","))
     except ValueError:
@@ -125,8 +136,12 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--image-size", type=int, choices=(16, 32, 64), default=16, help="image side (default 16)")
     p.add_argument("--schedule", choices=("compressed", "paper"), default="compressed",
                    help="mask-update intervals scaled to the run (default) or as published")
-    p.add_argument("--br-bounds", type=_bounds, default=None,
-                   help="DDST balance-ratio bounds LOWER,UPPER (default: the paper's 0.45,0.55)")
+    p.add_argument("--g-updates", type=_positive_int, default=4,
+                   help="G prune-and-grow intervals per run under the compressed schedule (default 4)")
+    p.add_argument("--br-bounds", type=_bounds, default=CALIBRATED_BR_BOUNDS,
+                   help=f"DDST balance-ratio bounds LOWER,UPPER, or 'paper' for 0.45,0.55 (default "
+                        f"{CALIBRATED_BR_BOUNDS[0]},{CALIBRATED_BR_BOUNDS[1]}: calibrated for this SNGAN at width 32, "
+                        "n_critic 2 on digits; see docs/cli.md)")
     p.add_argument("--ema", type=float, default=0.99, help="G-EMA decay (default 0.99; 0 to disable)")
     p.add_argument("--eval-samples", type=_positive_int, default=2000,
                    help="generated images for the metrics (default 2000)")
@@ -153,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     demo = sub.add_parser("demo", help="train a sparse SNGAN on an embedded dataset and write samples, plots, metrics",
-                          description="Train a small SNGAN with a sparse strategy (DDST by default) and write "
+                          description="Train a small SNGAN with a sparse strategy (DDST-strict by default) and write "
                                       "samples.png, balance.png, metrics.json and checkpoint.pt to --out.")
-    demo.add_argument("--strategy", type=_strategy, default="ddst",
-                      help="dense, static, sdst, ddst (= ddst-relax), ddst-strict or dst (default ddst)")
-    _add_training_options(demo, steps=700, out="runs/demo")
+    demo.add_argument("--strategy", type=_strategy, default="ddst-strict",
+                      help="dense, static, sdst, ddst (= ddst-relax), ddst-strict or dst (default ddst-strict: "
+                           "the DDST variant that beat Static in results/compare)")
+    _add_training_options(demo, steps=1000, out="runs/demo")
 
     compare = sub.add_parser("compare", help="Dense vs Static vs SDST vs DDST at the same G density",
                              description="Train each strategy with the same seeds and print the paper-style table.")
@@ -253,7 +269,7 @@ def _config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
     return TrainConfig(
         strategy=strategy, g_density=args.g_density, d_density=args.d_density, iterations=args.steps,
         n_critic=args.n_critic, batch_size=args.batch_size, g_channels=args.channels, d_channels=args.channels,
-        ema=args.ema if args.ema and args.ema > 0 else None, schedule=args.schedule, seed=seed,
+        ema=args.ema if args.ema and args.ema > 0 else None, schedule=args.schedule, g_updates=args.g_updates, seed=seed,
         device=_device(args.device), br_bounds=args.br_bounds,
     )
 
@@ -373,7 +389,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     grid = generate(result.ema_generator, 64, config.latent_dim, seed=config.seed + 20_000)
     save_image_grid(grid, out / "samples.png")
     save_image_grid(data.images[:64], out / "real.png")
-    bounds = args.br_bounds or (0.45, 0.55)
+    bounds = args.br_bounds
     plot_runs({args.strategy: result}, out / "balance.png", bounds=bounds)
     torch.save({
         "generator": result.generator.state_dict(),
@@ -427,9 +443,10 @@ def _bounds_hint(result: Any, bounds: tuple[float, float]) -> str | None:
     side = "below the lower" if below >= above else "above the upper"
     return (f"note: the windowed balance ratio was {side} bound for {max(below, above):.0%} of the run, so DDST "
             f"kept {'pruning' if below >= above else 'growing'} D. The balance ratio scales with the number of "
-            "active generator weights, and the default bounds (0.45, 0.55) come from the paper's SNGAN on CIFAR-10 "
-            "(~0.4M active G weights at 10 %); for a much smaller model pass --br-bounds LOWER,UPPER around the "
-            "BR your Static/Dense runs show (see balance.png).")
+            "active generator weights and with the data, so bounds fit one model: the default ones were calibrated "
+            "for this SNGAN at width 32 and n_critic 2 on digits, the paper's (--br-bounds paper) for SNGAN on "
+            "CIFAR-10. For other settings calibrate with `python -m benchmarks.br_calibration` (Static runs over D "
+            "densities; bounds = the BR band of the runs with the best FD) and pass --br-bounds LOWER,UPPER.")
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -568,11 +585,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for name, seed in jobs:
             finished(_compare_one(args, name, seed, data, extractor, real_features, progress=not args.no_progress))
     table = compare_table(rows)
-    bounds = args.br_bounds or (0.45, 0.55)
+    bounds = args.br_bounds
     plot_runs(curves, out / "compare.png", bounds=bounds)
     header = (f"G density {args.g_density}, {args.steps} iterations (n_critic {args.n_critic}, batch {args.batch_size}, "
               f"width {args.channels}), data {data.name} {data.image_size}px, {args.repeats} seed(s) from {args.seed}, "
-              f"schedule {args.schedule}, BR bounds {bounds}; FD/KID on digits-classifier features "
+              f"schedule {args.schedule}{f' ({args.g_updates} G updates)' if args.schedule == 'compressed' else ''}, "
+              f"BR bounds {bounds}; FD/KID on digits-classifier features "
               f"(extractor accuracy {extractor.accuracy:.3f}), {args.eval_samples} samples; FLOPs are training FLOPs "
               "relative to dense.")
     (out / "compare.md").write_text(header + "\n\n" + table + "\n")

@@ -193,25 +193,37 @@ def paper_schedule(iterations: int, n_critic: int = 5) -> Schedule:
     return Schedule(500, 1000, 10, 100, iterations, iterations * n_critic)
 
 
-def compressed_schedule(iterations: int, n_critic: int = 5) -> Schedule:
+def compressed_schedule(iterations: int, n_critic: int = 5, *, g_updates: int = 4) -> Schedule:
     """Schedules scaled to a short run, keeping the number of decisions meaningful.
 
     Published runs last ~10^5 iterations; a CPU demo lasts ~10^3. Keeping the published
     intervals would mean no D decision at all, so this schedule fixes the *number* of events
-    instead: 20 G prune-and-grow updates, 40 D-density decisions (each +-0.05, so D can travel
-    the whole range), a BR sample every ``iterations / 200`` iterations (at most every 10,
-    the published rate) and a window spanning 4 decision intervals (published: 5).
+    instead: ``g_updates`` G prune-and-grow updates (the last one falls before the end), 40
+    D-density decisions (each +-0.05, so D can travel the whole range), a BR sample every
+    ``iterations / 200`` iterations (at most every 10, the published rate) and a window spanning
+    4 decision intervals (published: 5).
+
+    Why only 4 G updates by default: a regrown weight starts at 0 and Adam moves it by about the
+    learning rate per step, so it needs a few hundred steps at lr 2e-4 to reach the magnitude of
+    the weights it competes with (~0.05 here). With updates every 50 steps (20 per 1000) a regrown
+    weight can reach only ~0.01 before the next magnitude prune, and SDST on the digits SNGAN ended
+    at FD 75 against 24 with updates every 250 steps (same 3 seeds, 1000 iterations; see
+    ``results/compare/README.md``). The published interval, 500 steps, allows ~0.1.
 
     Args:
         iterations: G steps of the run.
         n_critic: D steps per G step.
+        g_updates: G prune-and-grow intervals in the run (updates every ``iterations // g_updates``
+            G steps).
     """
     iterations = max(1, int(iterations))
+    if not isinstance(g_updates, int) or g_updates < 1:
+        raise ValueError(f"g_updates must be a positive int, got {g_updates!r}")
     decision_iters = max(1, iterations // 40)
     br_every = max(1, min(10, iterations // 200))
     window = max(2, (4 * decision_iters) // br_every)
     return Schedule(
-        g_update_every=max(1, iterations // 20),
+        g_update_every=max(1, iterations // g_updates),
         d_update_every=decision_iters * n_critic,
         br_every=br_every,
         br_window=window,
@@ -243,7 +255,7 @@ def _canonical(name: str) -> str:
 
 def build_strategy(name: str, *, g_density: float, d_density: float | None = None, iterations: int,
                    n_critic: int = 5, schedule: str | Schedule = "compressed",
-                   br_bounds: tuple[float, float] | None = None) -> Strategy:
+                   br_bounds: tuple[float, float] | None = None, g_updates: int = 4) -> Strategy:
     """A strategy by name with its schedules set for a run of ``iterations`` G steps.
 
     Args:
@@ -255,6 +267,7 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
         schedule: ``"compressed"`` (:func:`compressed_schedule`), ``"paper"``
             (:func:`paper_schedule`) or a :class:`Schedule`.
         br_bounds: DDST's balance-ratio bounds (default: the paper's ``(0.45, 0.55)``).
+        g_updates: G prune-and-grow intervals per run under the compressed schedule.
 
     Returns:
         The strategy, ready for :class:`~sparsegan.SparseGANWrapper`.
@@ -266,7 +279,7 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
     if isinstance(schedule, Schedule):
         sched = schedule
     elif schedule == "compressed":
-        sched = compressed_schedule(iterations, n_critic)
+        sched = compressed_schedule(iterations, n_critic, g_updates=g_updates)
     elif schedule == "paper":
         sched = paper_schedule(iterations, n_critic)
     else:
@@ -321,6 +334,7 @@ class TrainConfig:
         betas: Adam betas.
         ema: Decay of the sparse-aware G-EMA (``None``: no EMA).
         schedule: ``"compressed"`` or ``"paper"`` (see :func:`build_strategy`).
+        g_updates: G prune-and-grow intervals per run under the compressed schedule.
         br_bounds: DDST's balance-ratio bounds (``None``: the paper's ``(0.45, 0.55)``).
         seed: Seed of the weights, the masks, the data order and the latents.
         device: Torch device string.
@@ -345,6 +359,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.9)
     ema: float | None = 0.99
     schedule: str = "compressed"
+    g_updates: int = 4
     br_bounds: tuple[float, float] | None = None
     seed: int = 0
     device: str = "cpu"
@@ -470,7 +485,7 @@ def train(config: TrainConfig, data: ImageDataset, *, callback: Callback | None 
     device = torch.device(config.device)
     strategy = build_strategy(config.strategy, g_density=config.g_density, d_density=config.d_density,
                               iterations=config.iterations, n_critic=config.n_critic, schedule=config.schedule,
-                              br_bounds=config.br_bounds)
+                              br_bounds=config.br_bounds, g_updates=config.g_updates)
     data = data.to(device)
     torch.manual_seed(config.seed)
     G = SNGANGenerator(config.latent_dim, config.g_channels, data.image_size, data.channels).to(device)

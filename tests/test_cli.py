@@ -45,7 +45,7 @@ def test_demo_writes_samples_plots_metrics_and_checkpoint(tmp_path: Path, capsys
         assert (out / name).stat().st_size > 0, name
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["config"]["strategy"] == "ddst"
+    assert metrics["config"]["strategy"] == "ddst-strict"
     assert metrics["summary"]["g_density"] == pytest.approx(0.1, abs=0.01)
     assert 0 < metrics["summary"]["flops_ratio"]["total"] < 1
     assert metrics["metrics"]["generator"]["fd"] > 0 and "kid_mean" in metrics["metrics"]["ema"]

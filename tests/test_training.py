@@ -1,0 +1,52 @@
+"""The schedules and strategy names behind ``sparsegan demo`` / ``compare`` (sparsegan.training)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsegan.strategies import DDST, SDST, Static
+from sparsegan.training import Schedule, build_strategy, compressed_schedule, default_d_density, paper_schedule
+
+
+def test_compressed_schedule_by_hand() -> None:
+    # 1000 iterations, n_critic 2: decisions every 1000 // 40 = 25 iterations = 50 D steps; a BR
+    # sample every 1000 // 200 = 5 iterations; window 4 * 25 / 5 = 20 samples; 4 G updates -> 250.
+    assert compressed_schedule(1000, 2) == Schedule(250, 50, 5, 20, 1000, 2000)
+    assert compressed_schedule(1000, 2, g_updates=20).g_update_every == 50
+    # long runs: BR every 10 iterations at most (the published rate)
+    assert compressed_schedule(100_000, 5) == Schedule(25_000, 12_500, 10, 1000, 100_000, 500_000)
+    # tiny runs stay valid
+    assert compressed_schedule(3, 1) == Schedule(1, 1, 1, 4, 3, 3)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, None])
+def test_compressed_schedule_rejects_bad_g_updates(bad: object) -> None:
+    with pytest.raises(ValueError, match="g_updates must be a positive int"):
+        compressed_schedule(1000, 2, g_updates=bad)  # type: ignore[arg-type]
+
+
+def test_paper_schedule_is_the_published_constants() -> None:
+    assert paper_schedule(100_000, 5) == Schedule(500, 1000, 10, 100, 100_000, 500_000)
+
+
+def test_build_strategy_applies_the_schedule() -> None:
+    sdst = build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2)
+    assert isinstance(sdst, SDST) and sdst.update.every == 250 and (sdst.br_every, sdst.br_window) == (5, 20)
+    assert build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2, g_updates=10).update.every == 100
+    strict = build_strategy("ddst-strict", g_density=0.1, iterations=1000, n_critic=2, schedule="paper")
+    assert isinstance(strict, DDST) and strict.mode == "strict"
+    assert (strict.d_update_every, strict.d_density, strict.br_bounds) == (2000, 0.3, (0.45, 0.55))
+    relax = build_strategy("ddst", g_density=0.2, iterations=1000, n_critic=2, br_bounds=(0.03, 0.07))
+    assert relax.mode == "relax" and relax.d_density == 0.2 and relax.br_bounds == (0.03, 0.07)
+    assert relax.d_update_every == 50
+    static = build_strategy("static", g_density=0.1, d_density=0.3, iterations=10)
+    assert isinstance(static, Static) and (static.g_density, static.d_density) == (0.1, 0.3)
+
+
+def test_default_d_density_and_unknown_names() -> None:
+    assert default_d_density("ddst-strict", 0.1) == 0.3
+    assert default_d_density("ddst-strict", 0.7) == 0.5
+    assert default_d_density("SDST", 0.2) == 0.2
+    assert default_d_density("dense", 0.1) == 1.0
+    with pytest.raises(ValueError, match="unknown strategy 'rigl'"):
+        build_strategy("rigl", g_density=0.1, iterations=10)
