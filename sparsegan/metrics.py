@@ -33,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "DigitsFeatureExtractor",
+    "INCEPTION_FEATURES",
     "ModeCoverage",
     "cache_dir",
     "digits_feature_extractor",
@@ -377,41 +378,68 @@ def inception_weights_path() -> Path | None:
     return found[0] if found else None
 
 
-def inception_fid(real: torch.Tensor, fake: torch.Tensor, *, batch_size: int = 100) -> float | None:
+INCEPTION_FEATURES = (64, 192, 768, 2048)
+"""The Inception feature layers ``torchmetrics`` can read (2048: pool3, the standard FID)."""
+
+
+def inception_fid(real: torch.Tensor, fake: torch.Tensor, *, batch_size: int = 100, feature: int = 2048,
+                  weights: str | os.PathLike[str] | None = None) -> float | None:
     """True Inception FID via ``torchmetrics``, when it can run without a download.
 
-    Needs ``torch-fidelity`` and its Inception weights already in the torch hub cache
-    (``torch.hub.get_dir()/checkpoints``). When either is missing this logs why and returns
-    ``None`` immediately: nothing is ever downloaded.
+    Needs ``torch-fidelity`` and its Inception weights: the file given as ``weights``, or else
+    the one already in the torch hub cache (``torch.hub.get_dir()/checkpoints``). The weights
+    file is always passed to ``torchmetrics`` explicitly, so nothing is ever downloaded. When
+    torch-fidelity or the weights are missing this logs why and returns ``None`` immediately.
 
     Args:
-        real: Real images ``(N, C, H, W)`` in ``[-1, 1]`` (grey images are repeated to RGB).
-        fake: Generated images.
+        real: Real images ``(N, C, H, W)`` in ``[-1, 1]`` (grey images are repeated to RGB;
+            values outside ``[-1, 1]`` are clamped).
+        fake: Generated images, same layout.
         batch_size: Images per Inception forward.
+        feature: Inception layer whose features are compared, one of
+            :data:`INCEPTION_FEATURES` (2048, pool3, is the FID everyone reports).
+        weights: A torch-fidelity Inception weights file
+            (``weights-inception-2015-12-05-6726825d.pth``) to use instead of the hub cache.
 
     Returns:
         The FID, or ``None`` when Inception is unavailable.
+
+    Raises:
+        ValueError: ``feature`` is not one of :data:`INCEPTION_FEATURES`, or the images are not
+            ``(N, 1 or 3, H, W)`` with at least 2 of each.
+        FileNotFoundError: ``weights`` was given and does not exist.
     """
+    if feature not in INCEPTION_FEATURES:
+        raise ValueError(f"feature must be one of {INCEPTION_FEATURES} (2048 is the standard FID), got {feature!r}")
+    for name, images in (("real", real), ("fake", fake)):
+        if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] < 2:
+            raise ValueError(f"{name} images must be (N, 1 or 3, H, W) with N >= 2, got shape {tuple(images.shape)}")
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
         logger.info("Inception FID skipped: torch-fidelity is not installed (torchmetrics needs it for Inception)")
         return None
-    weights = inception_weights_path()
-    if weights is None:
+    if weights is not None:
+        path: Path | None = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights file {str(path)!r} does not exist; pass the torch-fidelity "
+                                    "file weights-inception-2015-12-05-6726825d.pth, or weights=None for the hub cache")
+    else:
+        path = inception_weights_path()
+    if path is None:
         logger.info("Inception FID skipped: no cached Inception weights in %s/checkpoints (nothing is downloaded)",
                     torch.hub.get_dir())
         return None
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        metric = FrechetInceptionDistance(feature=2048, normalize=True)
+        metric = FrechetInceptionDistance(feature=feature, normalize=True, feature_extractor_weights_path=str(path))
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", never a crash
         logger.info("Inception FID skipped: %s: %s", type(exc).__name__, exc)
         return None
     for images, is_real in ((real, True), (fake, False)):
         for chunk in images.split(batch_size):
-            x = ((chunk.float().clamp(-1, 1) + 1) / 2).cpu()
+            x = ((chunk.detach().float().clamp(-1, 1) + 1) / 2).cpu()
             metric.update(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, real=is_real)
     return float(metric.compute())
 
