@@ -188,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="show which weights sparsegan would mask in a module",
                           description="Print sparsegan.discover()'s report for MODULE:ATTR, where MODULE is a "
                                       "module path (pkg.models) or a .py file and ATTR an nn.Module class, a "
-                                      "factory function or a module instance.")
+                                      "factory function or a module instance. A factory may return several "
+                                      "modules, e.g. a (G, D) tuple or a dict of them: each is reported.")
     insp.add_argument("target", metavar="MODULE:ATTR")
-    insp.add_argument("--input-shape", type=_shape, default=None,
-                      help="shape of a random example input, e.g. 2,3,32,32 (enables export/runtime discovery and MACs)")
+    insp.add_argument("--input-shape", type=_shape, action="append", default=None,
+                      help="shape of a random example input, e.g. 2,3,32,32 (enables export/runtime discovery and "
+                           "MACs); give it once per module, in order, when ATTR makes several (e.g. --input-shape "
+                           "2,128 --input-shape 2,3,32,32 for a (G, D) pair)")
     insp.add_argument("--methods", default="fx,export,runtime", help="discovery cascade (default fx,export,runtime)")
     return parser
 
@@ -649,29 +652,46 @@ def load_target(target: str) -> Any:
     return obj
 
 
-def _instantiate(obj: Any, target: str) -> Any:
+def _instantiate(obj: Any, target: str) -> list[tuple[str, Any]]:
+    """The module(s) ``target`` names, as ``(label, module)`` pairs.
+
+    A class or function is called without arguments; it may return one module, a tuple/list
+    of modules (labelled by position) or a dict of them (labelled by key).
+    """
     from torch import nn
 
     if isinstance(obj, nn.Module):
-        return obj
-    if callable(obj):
+        return [(target, obj)]
+    if not callable(obj):
+        raise CLIError(f"{target} is a {type(obj).__name__}, not an nn.Module class, factory or instance")
+    try:
+        made = obj()
+    except TypeError as exc:
+        signature = ""
         try:
-            made = obj()
-        except TypeError as exc:
-            signature = ""
-            try:
-                signature = str(_inspect.signature(obj))
-            except (TypeError, ValueError):
-                pass
-            raise CLIError(f"{target} must be callable without arguments to build the module"
-                           f"{signature and ' ' + signature}: {exc}; write a small factory function with the "
-                           "arguments you want") from None
-        except Exception as exc:  # noqa: BLE001
-            raise CLIError(f"building {target} failed: {type(exc).__name__}: {exc}") from None
-        if isinstance(made, nn.Module):
-            return made
-        raise CLIError(f"{target}() returned {type(made).__name__}, not a torch.nn.Module")
-    raise CLIError(f"{target} is a {type(obj).__name__}, not an nn.Module class, factory or instance")
+            signature = str(_inspect.signature(obj))
+        except (TypeError, ValueError):
+            pass
+        raise CLIError(f"{target} must be callable without arguments to build the module"
+                       f"{signature and ' ' + signature}: {exc}; write a small factory function with the "
+                       "arguments you want") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"building {target} failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(made, nn.Module):
+        return [(target, made)]
+    if isinstance(made, dict):
+        items = [(f"{target}()[{key!r}]", value) for key, value in made.items()]
+    elif isinstance(made, (tuple, list)):
+        items = [(f"{target}()[{index}]", value) for index, value in enumerate(made)]
+    else:
+        raise CLIError(f"{target}() returned {type(made).__name__}, not a torch.nn.Module "
+                       "(or a tuple, list or dict of them)")
+    if not items:
+        raise CLIError(f"{target}() returned an empty {type(made).__name__}; return the module(s) to inspect")
+    wrong = [f"{label} is a {type(value).__name__}" for label, value in items if not isinstance(value, nn.Module)]
+    if wrong:
+        raise CLIError(f"{target}() must return nn.Modules only: {'; '.join(wrong)}")
+    return items
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -679,19 +699,29 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from sparsegan.discovery import DiscoveryError, discover
 
-    model = _instantiate(load_target(args.target), args.target)
+    models = _instantiate(load_target(args.target), args.target)
+    shapes: list[tuple[int, ...]] = args.input_shape or []
+    if shapes and len(shapes) != len(models):
+        raise CLIError(f"{args.target} makes {len(models)} module(s) but --input-shape was given {len(shapes)} "
+                       f"time(s); give it once per module, in order ({', '.join(label for label, _ in models)}), "
+                       "or not at all")
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    example = torch.randn(*args.input_shape) if args.input_shape else None
-    try:
-        result = discover(model, example, methods=methods)
-    except (DiscoveryError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
-    total = sum(p.numel() for p in model.parameters())
-    masked = sum(w.numel for w in result.weights)
-    print(result.report())
-    print(f"\n{len(result.weights)} kernel weights, {masked:,} of {total:,} parameters "
-          f"({masked / max(total, 1):.1%}) would be masked")
-    if example is None:
+    for index, (label, model) in enumerate(models):
+        example = torch.randn(*shapes[index]) if shapes else None
+        try:
+            result = discover(model, example, methods=methods)
+        except (DiscoveryError, ValueError) as exc:
+            raise CLIError(f"{label}: {exc}" if len(models) > 1 else str(exc)) from None
+        total = sum(p.numel() for p in model.parameters())
+        masked = sum(w.numel for w in result.weights)
+        if len(models) > 1:
+            if index:
+                print()
+            print(f"== {label}: {type(model).__name__} ==")
+        print(result.report())
+        print(f"\n{len(result.weights)} kernel weights, {masked:,} of {total:,} parameters "
+              f"({masked / max(total, 1):.1%}) would be masked")
+    if not shapes:
         print("hint: pass --input-shape (e.g. 2,3,32,32) to verify the trace against eager and count MACs")
     return 0
 

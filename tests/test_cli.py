@@ -143,6 +143,39 @@ def test_inspect_a_file_and_a_module_path(tmp_path: Path, capsys: pytest.Capture
     assert "weight_orig" in text and "spectral_norm" in text
 
 
+def test_inspect_a_factory_of_several_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_file = tmp_path / "gan_models.py"
+    model_file.write_text(
+        "from torch import nn\n"
+        "def build_gan():\n"
+        "    G = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 6))\n"
+        "    D = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(12, 1))\n"
+        "    return G, D\n"
+        "def by_name():\n"
+        "    return {'generator': nn.Linear(4, 4)}\n"
+        "def bad():\n"
+        "    return (nn.Linear(2, 2), 'not a module')\n"
+    )
+    assert main(["inspect", f"{model_file}:build_gan", "--input-shape", "2,4", "--input-shape", "2,1,4,4"]) == 0
+    text = capsys.readouterr().out
+    g_part, d_part = text.split("== ")[1:]
+    assert g_part.startswith(f"{model_file}:build_gan()[0]: Sequential")
+    assert d_part.startswith(f"{model_file}:build_gan()[1]: Sequential")
+    # G: two Linear kernels (4*12 + 12*6 = 120 weights of 138 parameters); D: conv 27 + linear 12 of 43
+    assert "2 kernel weights, 120 of 138 parameters" in g_part and "0.weight" in g_part and "2.weight" in g_part
+    assert "2 kernel weights, 39 of 43 parameters" in d_part
+    assert "hint: pass --input-shape" not in text
+    assert main(["inspect", f"{model_file}:by_name"]) == 0
+    text = capsys.readouterr().out
+    assert "1 kernel weights, 16 of 20 parameters" in text and "== " not in text  # one module: no header
+    # one shape for two modules is ambiguous; a non-module in the tuple is named
+    assert main(["inspect", f"{model_file}:build_gan", "--input-shape", "2,4"]) == 2
+    err = capsys.readouterr().err
+    assert "makes 2 module(s) but --input-shape was given 1 time(s)" in err and "build_gan()[1]" in err
+    assert main(["inspect", f"{model_file}:bad"]) == 2
+    assert "bad()[1] is a str" in capsys.readouterr().err
+
+
 def test_bad_inputs_fail_with_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
