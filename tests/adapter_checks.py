@@ -13,13 +13,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from test_adapters_common import assert_discovery_complete, first_tensor, kernel_record, zeroed_reference
 from torch import nn
 
 import sparsegan
 from sparsegan import strategies
 from sparsegan._utils import as_args
 from sparsegan.data import load_digits
+from tests.test_adapters_common import assert_discovery_complete, first_tensor, kernel_record, zeroed_reference
 
 STRATEGY_NAMES = ("static", "sdst", "ddst")
 G_DENSITY, D_DENSITY = 0.3, 0.5

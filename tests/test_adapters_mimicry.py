@@ -11,7 +11,9 @@ import sys
 
 import pytest
 import torch
-from adapter_checks import (
+
+import sparsegan
+from tests.adapter_checks import (
     STRATEGY_NAMES,
     RealBatches,
     assert_masks_hold,
@@ -23,8 +25,6 @@ from adapter_checks import (
     outputs,
     wrap,
 )
-
-import sparsegan
 
 mimicry = pytest.importorskip("sparsegan.adapters.mimicry")
 try:

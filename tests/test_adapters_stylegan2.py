@@ -14,7 +14,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_checks import (
+
+import sparsegan
+from tests.adapter_checks import (
     STRATEGY_NAMES,
     RealBatches,
     assert_masks_hold,
@@ -25,8 +27,6 @@ from adapter_checks import (
     one_thread,
     wrap,
 )
-
-import sparsegan
 
 stylegan2 = pytest.importorskip("sparsegan.adapters.stylegan2")
 try:

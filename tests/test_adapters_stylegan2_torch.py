@@ -14,7 +14,10 @@ import sys
 
 import pytest
 import torch
-from adapter_checks import (
+from torch.nn.utils import parametrize
+
+import sparsegan
+from tests.adapter_checks import (
     STRATEGY_NAMES,
     RealBatches,
     check_after_training,
@@ -25,9 +28,6 @@ from adapter_checks import (
     time_limit,
     wrap,
 )
-from torch.nn.utils import parametrize
-
-import sparsegan
 
 sg2t = pytest.importorskip("sparsegan.adapters.stylegan2_torch")
 try:

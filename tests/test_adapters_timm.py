@@ -24,7 +24,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_checks import (
+from torch import nn
+
+import sparsegan
+from sparsegan import discovery
+from tests.adapter_checks import (
     D_DENSITY,
     RealBatches,
     check_after_training,
@@ -33,11 +37,7 @@ from adapter_checks import (
     one_thread,
     wrap,
 )
-from test_adapters_common import assert_discovery_complete, hidden_in_leaves, kernel_record
-from torch import nn
-
-import sparsegan
-from sparsegan import discovery
+from tests.test_adapters_common import assert_discovery_complete, hidden_in_leaves, kernel_record
 
 timm = pytest.importorskip("timm")
 timm_adapter = pytest.importorskip("sparsegan.adapters.timm")
