@@ -277,7 +277,8 @@ def _topk_indices(values: Tensor, k: int, *, largest: bool) -> Tensor:
     return torch.topk(values, k, largest=largest, sorted=False).indices
 
 
-def _pick(scores: Tensor, candidates: Tensor, k: int, *, size: int, largest: bool) -> Tensor:
+def _pick(scores: Tensor, candidates: Tensor, k: int, *, size: int, largest: bool,
+          overwrite: bool = False) -> Tensor:
     """Returns the flat indices of the ``k`` extreme scores among ``candidates``.
 
     Non-candidates are masked with ``-inf`` (or ``+inf``) instead of being
@@ -291,6 +292,9 @@ def _pick(scores: Tensor, candidates: Tensor, k: int, *, size: int, largest: boo
         k: Number of positions to pick, ``0 <= k <= size``.
         size: Number of True entries of ``candidates``.
         largest: Pick the highest (True) or lowest (False) scores.
+        overwrite: ``scores`` is a scratch copy the caller no longer needs: mask it in
+            place (non-candidate entries are overwritten; candidate entries are kept)
+            instead of allocating a masked copy, which saves a full-size allocation.
 
     Returns:
         1-D int64 tensor of ``k`` distinct flat indices.
@@ -298,11 +302,14 @@ def _pick(scores: Tensor, candidates: Tensor, k: int, *, size: int, largest: boo
     if k == size:
         return candidates.nonzero().squeeze(1)
     if not scores.is_floating_point():
-        scores = scores.to(torch.float64)
+        scores, overwrite = scores.to(torch.float64), True
     fill = -math.inf if largest else math.inf
-    masked = torch.where(
-        candidates, scores, torch.tensor(fill, dtype=scores.dtype, device=scores.device)
-    )
+    if overwrite:
+        masked = scores.masked_fill_(~candidates, fill)
+    else:
+        masked = torch.where(
+            candidates, scores, torch.tensor(fill, dtype=scores.dtype, device=scores.device)
+        )
     idx = _topk_indices(masked, k, largest=largest)
     if bool(candidates[idx].all()):
         return idx
@@ -333,7 +340,8 @@ def _check_layers(
                 f"mask {i} has shape {tuple(mask.shape)} but its scores have shape "
                 f"{tuple(score.shape)}"
             )
-        if score.is_floating_point() and bool(torch.isnan(score).any()):
+        # max() propagates NaN: one reduction instead of a full-size isnan() mask
+        if score.is_floating_point() and score.numel() and bool(torch.isnan(score.max())):
             raise ValueError(f"scores of layer {i} contain NaN; scores must be comparable numbers")
         if exclude is not None:
             if exclude[i].dtype != torch.bool:
@@ -427,7 +435,8 @@ def _select(
             if left == 0:
                 break
             take = min(left, size)
-            chosen.append(_pick(flat_scores, tier, take, size=size, largest=largest))
+            # flat_scores is this function's own copy: the last tier that is needed may mask it in place
+            chosen.append(_pick(flat_scores, tier, take, size=size, largest=largest, overwrite=take == left))
             left -= take
         flat_new = torch.cat([masks[i].reshape(-1).to(device) for i in layer_ids])
         flat_new[torch.cat(chosen)] = new_value
@@ -473,11 +482,13 @@ def drop_lowest(
     if min_active > 0:
         eligible = []
         for mask, score in zip(masks, scores):
-            keep = min(min_active, int(mask.sum()))
-            flat = torch.where(mask, score.to(torch.float64), float("-inf")).flatten()
+            keep = min(min_active, int(torch.count_nonzero(mask)))
             protected = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
             if keep:
-                protected[torch.topk(flat, keep).indices] = True
+                values = score if score.is_floating_point() else score.to(torch.float64)
+                flat = torch.where(mask, values, float("-inf")).flatten()
+                # argmax is ~6x cheaper than topk(k=1) on a CPU, and min_active=1 is the common case
+                protected[flat.argmax() if keep == 1 else torch.topk(flat, keep).indices] = True
             eligible.append(mask & ~protected.view_as(mask))
     return _select(
         masks,

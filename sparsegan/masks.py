@@ -108,7 +108,7 @@ class MaskedWeights:
 
     def active_counts(self) -> list[int]:
         """Active (True) entries per weight."""
-        return [int(m.sum()) for m in self.masks]
+        return [int(torch.count_nonzero(m)) for m in self.masks]
 
     @property
     def total(self) -> int:

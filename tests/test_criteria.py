@@ -332,3 +332,44 @@ def test_drop_lowest_min_active_keeps_each_layers_best() -> None:
     assert torch.equal(kept[1], torch.tensor([False, False, True]))
     with pytest.raises(ValueError):
         drop_lowest(masks, scores, 4, min_active=1)  # only 3 droppable positions remain
+
+
+def test_drop_lowest_min_active_above_one_and_integer_scores() -> None:
+    masks = [torch.tensor([True, True, True, False]), torch.tensor([True, True, True, True])]
+    scores = [torch.tensor([1, 2, 3, 0]), torch.tensor([10, 20, 30, 40])]  # integer scores
+    kept = drop_lowest(masks, scores, 3, min_active=2)
+    # layer 0 keeps its two best (2, 3); the rest of the drop comes from layer 1's lowest (10, 20)
+    assert torch.equal(kept[0], torch.tensor([False, True, True, False]))
+    assert torch.equal(kept[1], torch.tensor([False, False, True, True]))
+    with pytest.raises(ValueError, match="only 3 available"):
+        drop_lowest(masks, scores, 4, min_active=2)
+
+
+def test_nan_is_found_next_to_infinities() -> None:
+    mask = [torch.tensor([True, True, True])]
+    with pytest.raises(ValueError, match="NaN"):
+        grow_highest([~mask[0]], [torch.tensor([math.inf, math.nan, -math.inf])], 1)
+    assert drop_lowest(mask, [torch.tensor([math.inf, 1.0, -math.inf])], 1)[0].tolist() == [True, True, False]
+
+
+def test_large_global_selection_is_exact_and_leaves_its_inputs_alone() -> None:
+    # above the top-k pre-filter size, where the selection masks its own scratch copy in place
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(700, 1000), (400, 1000)]  # 1.1M entries
+    masks = [torch.rand(s, generator=gen) < 0.3 for s in shapes]
+    scores = [torch.rand(s, generator=gen) for s in shapes]
+    before = [s.clone() for s in scores]
+    flat_mask, flat_scores = torch.cat([m.flatten() for m in masks]), torch.cat([s.flatten() for s in scores])
+    k = 50_000
+    dropped = drop_lowest(masks, scores, k)
+    active = flat_mask.nonzero().squeeze(1)
+    expected = torch.zeros_like(flat_mask)
+    expected[active[flat_scores[active].argsort()[:k]]] = True  # the k lowest active, by sorting
+    got = flat_mask & ~torch.cat([d.flatten() for d in dropped])
+    assert torch.equal(got, expected)
+    grown = grow_highest(masks, scores, k)
+    inactive = (~flat_mask).nonzero().squeeze(1)
+    expected = torch.zeros_like(flat_mask)
+    expected[inactive[flat_scores[inactive].argsort(descending=True)[:k]]] = True
+    assert torch.equal(torch.cat([g.flatten() for g in grown]) & ~flat_mask, expected)
+    assert all(torch.equal(s, b) for s, b in zip(scores, before))
