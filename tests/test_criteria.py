@@ -372,4 +372,7 @@ def test_large_global_selection_is_exact_and_leaves_its_inputs_alone() -> None:
     expected = torch.zeros_like(flat_mask)
     expected[inactive[flat_scores[inactive].argsort(descending=True)[:k]]] = True
     assert torch.equal(torch.cat([g.flatten() for g in grown]) & ~flat_mask, expected)
+    per_layer = grow_highest(masks, scores, [1000, 2000], exclude=[~m for m in masks])  # all fall back
+    assert [int((g & ~m).sum()) for g, m in zip(per_layer, masks)] == [1000, 2000]
+    drop_lowest(masks, scores, [1000, 2000], min_active=1)
     assert all(torch.equal(s, b) for s, b in zip(scores, before))
