@@ -477,13 +477,18 @@ def _per_seed(values: Sequence[float], digits: int = 2) -> str:
     return f"median {statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
-def _seed_wins(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
-    """On how many shared seeds a strategy's generator FD is below the reference strategy's."""
-    ref = {r["seed"]: r["metrics"]["generator"]["fd"] for r in reference}
-    paired = [(r["metrics"]["generator"]["fd"], ref[r["seed"]]) for r in runs if r["seed"] in ref]
+def _seed_wins(runs: list[dict[str, Any]], reference: list[dict[str, Any]], network: str = "generator") -> str:
+    """On how many shared seeds a strategy's FD (of ``network``: "generator" or "ema") is below
+    the reference strategy's."""
+    def fd(run: dict[str, Any]) -> float:
+        return run["metrics"].get(network, {}).get("fd", math.nan)
+
+    ref = {r["seed"]: fd(r) for r in reference}
+    paired = [(fd(r), ref[r["seed"]]) for r in runs if r["seed"] in ref]
+    paired = [(a, b) for a, b in paired if not (math.isnan(a) or math.isnan(b))]
     if not paired:
         return "n/a"
-    return f"{sum(fd < other for fd, other in paired)}/{len(paired)}"
+    return f"{sum(a < b for a, b in paired)}/{len(paired)}"
 
 
 def compare_table(rows: dict[str, list[dict[str, Any]]], *, reference: str = "static") -> str:
@@ -491,8 +496,8 @@ def compare_table(rows: dict[str, list[dict[str, Any]]], *, reference: str = "st
 
     Args:
         rows: Strategy name -> its runs' records (``seed``, ``summary``, ``metrics``).
-        reference: The strategy the others are paired with, seed by seed, in a "lower FD than"
-            column (left out when it was not run).
+        reference: The strategy the others are paired with, seed by seed, in two "FD below"
+            columns, for G and for its EMA (left out when it was not run).
 
     Returns:
         The table. With more than one seed it also lists each seed's FD.
@@ -501,7 +506,7 @@ def compare_table(rows: dict[str, list[dict[str, Any]]], *, reference: str = "st
     paired = reference in rows and len(rows) > 1
     header = ["strategy", "FD (G) ↓"]
     header += ["FD (G) per seed"] if several else []
-    header += [f"FD below {reference}'s"] if paired else []
+    header += [f"G FD below {reference}'s", f"EMA FD below {reference}'s"] if paired else []
     header += ["FD (EMA) ↓", "KID ↓", "final D density", "train FLOPs G", "train FLOPs D", "train FLOPs total",
                "wall time s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -513,7 +518,8 @@ def compare_table(rows: dict[str, list[dict[str, Any]]], *, reference: str = "st
         if several:
             cells.append(_per_seed([r["metrics"]["generator"]["fd"] for r in sorted(runs, key=lambda r: r["seed"])]))
         if paired:
-            cells.append("-" if name == reference else _seed_wins(runs, rows[reference]))
+            cells += (["-", "-"] if name == reference else
+                      [_seed_wins(runs, rows[reference]), _seed_wins(runs, rows[reference], "ema")])
         cells += [
             col(lambda r: r["metrics"].get("ema", {}).get("fd", math.nan), 2),
             col(lambda r: r["metrics"]["generator"]["kid_mean"], 3),

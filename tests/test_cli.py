@@ -113,25 +113,27 @@ def test_compare_jobs_in_worker_processes_match_the_sequential_runs(tmp_path: Pa
     assert (tmp_path / "par" / "samples_ddst.png").stat().st_size > 0
 
 
-def _record(seed: int, fd: float) -> dict[str, Any]:
-    return {"seed": seed, "metrics": {"generator": {"fd": fd, "kid_mean": 0.5}, "ema": {"fd": fd + 1}},
+def _record(seed: int, fd: float, ema: float | None = None) -> dict[str, Any]:
+    return {"seed": seed, "metrics": {"generator": {"fd": fd, "kid_mean": 0.5}, "ema": {"fd": fd + 1 if ema is None else ema}},
             "summary": {"d_density": 0.1, "wall_time_s": 10.0,
                         "flops_ratio": {"generator": 0.1, "discriminator": 0.2, "total": 0.15}}}
 
 
 def test_compare_table_lists_seeds_and_pairs_them_with_static() -> None:
     rows = {"static": [_record(0, 10.0), _record(1, 6.0), _record(2, 9.0)],
-            "ddst": [_record(1, 5.0), _record(0, 80.0), _record(2, 8.0)]}  # finished out of order
+            "ddst": [_record(1, 5.0, 1.0), _record(0, 80.0, 1.0), _record(2, 8.0, 20.0)]}  # finished out of order
     lines = compare_table(rows).splitlines()
-    assert lines[0].startswith("| strategy | FD (G) ↓ | FD (G) per seed | FD below static's | FD (EMA) ↓ |")
-    # ddst: mean (80 + 5 + 8) / 3 = 31.00, sample std sqrt((49^2 + 26^2 + 23^2) / 2) = sqrt(1803) = 42.46; seeds 1 and 2 win
-    assert lines[3].startswith("| ddst | 31.00 ± 42.46 | 80.00 / 5.00 / 8.00 | 2/3 | 32.00 ± 42.46 |")
-    assert lines[2].startswith("| static | 8.33 ± 2.08 | 10.00 / 6.00 / 9.00 | - |")
+    assert lines[0].startswith("| strategy | FD (G) ↓ | FD (G) per seed | G FD below static's | EMA FD below static's | "
+                               "FD (EMA) ↓ |")
+    # ddst: mean (80 + 5 + 8) / 3 = 31.00, sample std sqrt((49^2 + 26^2 + 23^2) / 2) = sqrt(1803) = 42.46;
+    # G wins on seeds 1 and 2; EMA (static's EMA = FD + 1: 11, 7, 10) wins on seeds 0 and 1
+    assert lines[3].startswith("| ddst | 31.00 ± 42.46 | 80.00 / 5.00 / 8.00 | 2/3 | 2/3 | 7.33 ± 10.97 |")
+    assert lines[2].startswith("| static | 8.33 ± 2.08 | 10.00 / 6.00 / 9.00 | - | - |")
     many = {"static": [_record(s, float(s)) for s in range(7)]}
     assert "| static | 3.00 ± 2.16 | median 3.00 [0.00, 6.00] |" in compare_table(many)  # one strategy: no pairing
-    single = compare_table({"dense": [_record(0, 2.0)], "static": [_record(0, 3.0)]})
-    assert single.splitlines()[0].startswith("| strategy | FD (G) ↓ | FD below static's | FD (EMA) ↓ |")
-    assert single.splitlines()[2].startswith("| dense | 2.00 | 1/1 | 3.00 |")
+    single = compare_table({"dense": [_record(0, 2.0, 9.0)], "static": [_record(0, 3.0)]})
+    assert single.splitlines()[0].startswith("| strategy | FD (G) ↓ | G FD below static's | EMA FD below static's | FD (EMA) ↓ |")
+    assert single.splitlines()[2].startswith("| dense | 2.00 | 1/1 | 0/1 | 9.00 |")
 
 
 def test_compare_jobs_need_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
