@@ -137,7 +137,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--schedule", choices=("compressed", "paper"), default="compressed",
                    help="mask-update intervals scaled to the run (default) or as published")
     p.add_argument("--g-updates", type=_positive_int, default=4,
-                   help="G prune-and-grow intervals per run under the compressed schedule (default 4)")
+                   help="intervals between G prune-and-grow updates under the compressed schedule: N-1 updates, "
+                        "1 keeps G static (default 4)")
     p.add_argument("--br-bounds", type=_bounds, default=CALIBRATED_BR_BOUNDS,
                    help=f"DDST balance-ratio bounds LOWER,UPPER, or 'paper' for 0.45,0.55 (default "
                         f"{CALIBRATED_BR_BOUNDS[0]},{CALIBRATED_BR_BOUNDS[1]}: calibrated for this SNGAN at width 32, "
@@ -633,7 +634,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     plot_runs(curves, out / "compare.png", bounds=bounds)
     header = (f"G density {args.g_density}, {args.steps} iterations (n_critic {args.n_critic}, batch {args.batch_size}, "
               f"width {args.channels}), data {data.name} {data.image_size}px, {args.repeats} seed(s) from {args.seed}, "
-              f"schedule {args.schedule}{f' ({args.g_updates} G updates)' if args.schedule == 'compressed' else ''}, "
+              f"schedule {args.schedule}{f' (G update intervals {args.g_updates})' if args.schedule == 'compressed' else ''}, "
               f"BR bounds {bounds}; FD/KID on digits-classifier features "
               f"(extractor accuracy {extractor.accuracy:.3f}), {args.eval_samples} samples; FLOPs are training FLOPs "
               "relative to dense.")

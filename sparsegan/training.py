@@ -198,12 +198,13 @@ def compressed_schedule(iterations: int, n_critic: int = 5, *, g_updates: int = 
 
     Published runs last ~10^5 iterations; a CPU demo lasts ~10^3. Keeping the published
     intervals would mean no D decision at all, so this schedule fixes the *number* of events
-    instead: ``g_updates`` G prune-and-grow updates (the last one falls before the end), 40
+    instead: ``g_updates`` equal intervals between G prune-and-grow updates, i.e.
+    ``g_updates - 1`` updates (none at the end of the run, so ``g_updates=1`` keeps G static), 40
     D-density decisions (each +-0.05, so D can travel the whole range), a BR sample every
     ``iterations / 200`` iterations (at most every 10, the published rate) and a window spanning
     4 decision intervals (published: 5).
 
-    Why only 4 G updates by default: a regrown weight starts at 0 and Adam moves it by about the
+    Why only 4 intervals (3 updates) by default: a regrown weight starts at 0 and Adam moves it by about the
     learning rate per step, so it needs a few hundred steps at lr 2e-4 to reach the magnitude of
     the weights it competes with (~0.05 here). With updates every 50 steps (20 per 1000) a regrown
     weight can reach only ~0.01 before the next magnitude prune, and SDST on the digits SNGAN ended
@@ -213,11 +214,11 @@ def compressed_schedule(iterations: int, n_critic: int = 5, *, g_updates: int = 
     Args:
         iterations: G steps of the run.
         n_critic: D steps per G step.
-        g_updates: G prune-and-grow intervals in the run (updates every ``iterations // g_updates``
-            G steps).
+        g_updates: Intervals between G prune-and-grow updates (an update every
+            ``iterations // g_updates`` G steps, ``g_updates - 1`` in all).
     """
     iterations = max(1, int(iterations))
-    if not isinstance(g_updates, int) or g_updates < 1:
+    if isinstance(g_updates, bool) or not isinstance(g_updates, int) or g_updates < 1:
         raise ValueError(f"g_updates must be a positive int, got {g_updates!r}")
     decision_iters = max(1, iterations // 40)
     br_every = max(1, min(10, iterations // 200))

@@ -10,7 +10,7 @@ from sparsegan.training import Schedule, build_strategy, compressed_schedule, de
 
 def test_compressed_schedule_by_hand() -> None:
     # 1000 iterations, n_critic 2: decisions every 1000 // 40 = 25 iterations = 50 D steps; a BR
-    # sample every 1000 // 200 = 5 iterations; window 4 * 25 / 5 = 20 samples; 4 G updates -> 250.
+    # sample every 1000 // 200 = 5 iterations; window 4 * 25 / 5 = 20 samples; 4 G intervals -> every 250.
     assert compressed_schedule(1000, 2) == Schedule(250, 50, 5, 20, 1000, 2000)
     assert compressed_schedule(1000, 2, g_updates=20).g_update_every == 50
     # long runs: BR every 10 iterations at most (the published rate)
@@ -19,7 +19,7 @@ def test_compressed_schedule_by_hand() -> None:
     assert compressed_schedule(3, 1) == Schedule(1, 1, 1, 4, 3, 3)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, None])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, None, True])
 def test_compressed_schedule_rejects_bad_g_updates(bad: object) -> None:
     with pytest.raises(ValueError, match="g_updates must be a positive int"):
         compressed_schedule(1000, 2, g_updates=bad)  # type: ignore[arg-type]
@@ -33,6 +33,12 @@ def test_build_strategy_applies_the_schedule() -> None:
     sdst = build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2)
     assert isinstance(sdst, SDST) and sdst.update.every == 250 and (sdst.br_every, sdst.br_window) == (5, 20)
     assert build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2, g_updates=10).update.every == 100
+    # N intervals make N - 1 updates: none at the end of the run, so g_updates=1 keeps G static
+    due = [step for step in range(1, 1001)
+           if build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2).update.is_due(step)]
+    assert due == [250, 500, 750]
+    static_g = build_strategy("sdst", g_density=0.1, iterations=1000, n_critic=2, g_updates=1)
+    assert not any(static_g.update.is_due(step) for step in range(1, 1001))
     strict = build_strategy("ddst-strict", g_density=0.1, iterations=1000, n_critic=2, schedule="paper")
     assert isinstance(strict, DDST) and strict.mode == "strict"
     assert (strict.d_update_every, strict.d_density, strict.br_bounds) == (2000, 0.3, (0.45, 0.55))
