@@ -29,10 +29,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, isolated_rng, module_device, preserved_state
 
-__all__ = ["BalanceRatio", "BalanceProbe", "DensityController", "Decision", "check_bounds"]
+__all__ = ["BalanceEstimator", "BalanceRatio", "BalanceProbe", "DensityController", "Decision", "ESTIMATORS",
+           "check_bounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,42 +134,177 @@ class BalanceRatio:
         return f"BalanceRatio(window={self.window}, samples={len(self)}, value={value}, skipped={self.skipped})"
 
 
+BalanceEstimator = Literal["step", "fresh"]
+"""How the probe measures a BR sample: ``"step"`` (the reference's estimator, on the G step's own
+latents) or ``"fresh"`` (freshly drawn latents and real batches; a different, smaller quantity)."""
+
+ESTIMATORS: tuple[str, ...] = ("step", "fresh")
+
+_MAX_CALLS = 16
+"""Recent G outputs and D calls the step estimator remembers between D's optimizer steps."""
+
+
+def _storage(value: Any) -> int | None:
+    """Identity of a tensor's storage (views and ``.detach()`` share it), or None for a non-tensor."""
+    if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+        return value.untyped_storage().data_ptr()
+    return None
+
+
+@dataclass
+class _Call:
+    """One recorded forward call: its arguments and (detached) output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any = None
+
+
 class BalanceProbe:
     """Measures BR samples around the generator's optimizer step, leaving no trace.
 
-    Before G's step it draws ``z`` (from its own generator) and a real batch, and records
-    ``D(G(z))``; after the step it records ``D(G'(z))`` and ``D(x)``. Forward passes run under
-    ``torch.no_grad()``; every buffer of G and D (BatchNorm statistics, spectral-norm vectors) and
-    the global CPU/CUDA RNG states are restored afterwards, so training with and without the probe
-    is bit-identical.
+    Two estimators:
+
+    * ``"step"`` (default; the reference's): the latents ``z`` are the ones the user's G step
+      was just trained on. Forward hooks on G and D record the user's own calls (references to
+      the arguments, nothing copied); at G's optimizer step the probe takes ``z`` from G's last
+      call and ``D(G_t(z))`` from D's output on that call's images (recomputed only when the
+      loop did not score them with D itself), and after the step it runs ``G_{t+1}(z)`` and D
+      on it once, plus the current D on the real batch of the last D step. D's extra arguments
+      (a class label, ...) are replayed as the user passed them, so conditional GANs work.
+      *Which D call was the real one* in a D step: the first D call whose first argument does not
+      share storage with an output G produced since the previous D step (``G(z)``,
+      ``G(z).detach()`` and views of them do), provided at least one call of the step was on such
+      an output (a later call on a mix, as in a gradient penalty, is not taken for the real one). When that cannot be told (no D call of the step
+      was on G's output, e.g. fakes passed through ``.clone()`` or an augmentation), a batch
+      from ``real=`` is used, or the sample is skipped with a logged warning.
+    * ``"fresh"``: ``z`` drawn from ``latent`` and a real batch from ``real`` by the probe's own
+      random generator, independent of the training step. It measures how far one G step moves
+      D's score of *unrelated* fakes, which is smaller and noisier (1.2-2.4x smaller on our
+      SNGAN) than the step estimator: bounds chosen for one do not carry to the other.
+
+    Both estimators score with D as it is after G's update (already updated in this iteration),
+    under ``torch.no_grad()``; every buffer of G and D (BatchNorm statistics, spectral-norm
+    vectors), attributes set by forward hooks and the global CPU/CUDA RNG states are restored
+    afterwards, so training with and without the probe is bit-identical.
 
     Args:
         generator: G (the module the user trains).
         discriminator: D.
-        latent: ``n -> G input`` (a tensor, or a tuple of G's positional arguments).
+        latent: ``n -> G input`` (a tensor, or a tuple of G's positional arguments); needed by
+            ``"fresh"`` only.
         real: Real batches: an iterable (e.g. a DataLoader, cycled) or a callable ``n -> batch``.
-            A tuple/list batch (image, label) gives D its first element.
-        batch_size: Latents per sample; defaults to the real batch's size.
+            A tuple/list batch (image, label) gives D its first element. ``"fresh"`` needs it;
+            ``"step"`` uses it only when the D step's real batch cannot be identified.
+        estimator: ``"step"`` or ``"fresh"``.
+        batch_size: Latents per ``"fresh"`` sample; defaults to the real batch's size.
         seed: Seed of the probe's own random generator.
 
-    Limits: D is called with one argument (the image), so a conditional ``D(x, y)`` needs
-    :meth:`SparseGANWrapper.observe` instead; the probe runs G and D in whatever train/eval mode
-    they are in (BatchNorm batch statistics in training, as in the training step itself).
+    Limits: the probe runs G and D in whatever train/eval mode they are in (BatchNorm batch
+    statistics in training, as in the training step itself); ``"fresh"`` calls D with one
+    argument (the image), so a conditional ``D(x, y)`` needs ``"step"`` or
+    :meth:`SparseGANWrapper.observe`.
     """
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: Callable[[int], Any],
-                 real: Iterable[Any] | Callable[[int], Any], *, batch_size: int | None = None, seed: int = 0) -> None:
-        if not callable(latent):
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: Callable[[int], Any] | None = None,
+                 real: Iterable[Any] | Callable[[int], Any] | None = None, *, estimator: BalanceEstimator = "step",
+                 batch_size: int | None = None, seed: int = 0) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"balance-ratio estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if latent is not None and not callable(latent):
             raise TypeError("latent must be a callable n -> batch of G inputs")
-        if not callable(real) and not isinstance(real, Iterable):
+        if real is not None and not callable(real) and not isinstance(real, Iterable):
             raise TypeError("real must be an iterable of real batches (e.g. a DataLoader) or a callable n -> batch")
+        if estimator == "fresh" and (latent is None or real is None):
+            raise ValueError("the 'fresh' balance-ratio estimator draws its own latents and real batches: "
+                             "pass latent= (n -> G input) and real= (real batches), or use the 'step' estimator")
         self.generator, self.discriminator = generator, discriminator
         self.latent, self.real = latent, real
+        self.estimator: BalanceEstimator = estimator
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
         self._iterator: Iterator[Any] | None = None
-        self._pending: tuple[tuple[Any, ...], float] | None = None
-        self._real: Any = None
+        self._pending: tuple[Callable[[], Any], tuple[Any, ...], dict[str, Any], float, _Call] | None = None
+        # the step estimator's record of the user's calls (references only)
+        self._g_call: _Call | None = None            # G's last call
+        # storages of G's recent outputs, each kept alive so that no storage is reused meanwhile
+        self._g_outputs: dict[int, torch.Tensor] = {}
+        self._d_calls: list[_Call] = []               # D's calls since its last optimizer step
+        self._d_on_fake: _Call | None = None          # D's last call on the output of G's last call
+        self._real_call: _Call | None = None          # the real-batch call of the last D step
+        self.unidentified = 0                         # D steps whose real batch could not be told apart
+
+    # ------------------------------------------------------------------ hooks (step estimator)
+
+    def attach(self) -> list[RemovableHandle]:
+        """Register the forward hooks that record the user's calls (``"step"`` only); returns their handles."""
+        if self.estimator != "step":
+            return []
+        return [
+            self.generator.register_forward_pre_hook(self._g_pre, with_kwargs=True),
+            self.generator.register_forward_hook(self._g_post),
+            self.discriminator.register_forward_pre_hook(self._d_pre, with_kwargs=True),
+            self.discriminator.register_forward_hook(self._d_post),
+        ]
+
+    def _g_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._g_call = _Call(args, kwargs)
+        self._d_on_fake = None
+
+    def _g_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        image = _first_tensor(output)
+        if self._g_call is not None and image is not None:
+            self._g_call.output = image.detach()
+            self._remember(self._g_call.output)
+
+    def _remember(self, fake: torch.Tensor) -> None:
+        storage = _storage(fake)
+        if storage is not None:
+            self._g_outputs[storage] = fake
+            while len(self._g_outputs) > _MAX_CALLS:  # G sampled many times without a D step (evaluation)
+                del self._g_outputs[next(iter(self._g_outputs))]
+
+    def _d_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._d_calls.append(_Call(args, kwargs))
+
+    def _d_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        call = self._d_calls[-1] if self._d_calls else None
+        if call is None:
+            return
+        score = _first_tensor(output)
+        call.output = score.detach() if score is not None else None
+        fake = self._g_call.output if self._g_call is not None else None
+        first = call.args[0] if call.args else None
+        if fake is not None and first is not None and _storage(first) == _storage(fake):
+            self._d_on_fake = call
+        if len(self._d_calls) > _MAX_CALLS:  # D evaluated many times without an optimizer step
+            del self._d_calls[0]
+
+    def discriminator_stepped(self) -> None:
+        """Called after D's optimizer step: tell its real-batch call apart, then forget the step's calls."""
+        if self.estimator != "step":
+            return
+        fakes = [c for c in self._d_calls if c.args and _storage(c.args[0]) in self._g_outputs]
+        reals = [c for c in self._d_calls if c.args and _storage(c.args[0]) not in self._g_outputs]
+        if fakes and reals:
+            self._real_call = _Call(reals[0].args, reals[0].kwargs)
+        elif self._d_calls:
+            self.unidentified += 1
+            self._real_call = None
+            if _should_log(self.unidentified):
+                logger.info("balance-ratio probe: could not tell D's real batch from its fakes in this D step "
+                            "(no D call had G's output as its first argument); %s (%d such D steps)",
+                            "using a batch from real=" if self.real is not None else "the sample will be skipped",
+                            self.unidentified)
+        self._forget_d_step()
+
+    def _forget_d_step(self) -> None:
+        self._d_calls.clear()
+        self._g_outputs.clear()
+        if self._g_call is not None and self._g_call.output is not None:  # G's last output may be D's next fake
+            self._remember(self._g_call.output)
+
+    # ------------------------------------------------------------------ sources
 
     @contextlib.contextmanager
     def _seeded(self) -> Iterator[None]:
@@ -177,6 +314,7 @@ class BalanceProbe:
             yield
 
     def _real_batch(self) -> torch.Tensor:
+        assert self.real is not None
         with self._seeded():
             if callable(self.real):
                 batch = self.real(self.batch_size or 64)
@@ -186,7 +324,7 @@ class BalanceProbe:
                 except StopIteration:
                     batch = None
                 if batch is None:
-                    self._iterator = iter(self.real)  # type: ignore[arg-type]
+                    self._iterator = iter(self.real)
                     batch = next(self._iterator)
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
@@ -195,57 +333,103 @@ class BalanceProbe:
             batch = batch.to(device, non_blocking=True)  # a CPU DataLoader feeding a GPU model
         return batch
 
-    @staticmethod
-    def _score(output: Any) -> torch.Tensor:
-        """D's adversarial score: the output, or its first tensor when D returns several."""
-        if isinstance(output, torch.Tensor):
-            return output
-        return next(x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor))
+    def _d(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        score = _first_tensor(self.discriminator(*args, **kwargs))
+        if score is None:
+            raise TypeError(f"the discriminator returned no tensor ({type(score).__name__}); the balance-ratio "
+                            "probe needs D's score")
+        return score
 
-    def _d(self, x: Any) -> torch.Tensor:
-        return self._score(self.discriminator(*as_args(x)))
-
-    def _g(self, z: tuple[Any, ...]) -> Any:
-        out = self.generator(*z)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out
+    def _g(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _first_tensor(self.generator(*args, **kwargs))
 
     @property
     def pending(self) -> bool:
         """Whether :meth:`before_step` ran and :meth:`after_step` has not yet."""
         return self._pending is not None
 
-    def before_step(self) -> None:
-        """Draw ``z`` and record ``mean D(G(z))`` with the generator before its update."""
-        real = self._real_batch()
-        n = self.batch_size or (real.shape[0] if isinstance(real, torch.Tensor) else 64)
+    def before_step(self) -> bool:
+        """Take ``z`` and ``mean D(G(z))`` with the generator before its update.
+
+        Returns:
+            Whether a sample is pending (``False``: skipped, and logged, for want of a G call).
+        """
+        if self.estimator == "fresh":
+            return self._before_fresh()
+        call = self._g_call
+        if call is None:
+            logger.warning("balance-ratio probe: G was not called before its optimizer step; sample skipped")
+            return False
+        fake = self._d_on_fake
+        if fake is not None and fake.output is not None:
+            before = _mean(fake.output)
+            rest, rest_kwargs = fake.args[1:], fake.kwargs
+        else:  # the loop scored something else than G's output (an augmentation, a clone): score it here
+            with preserved_state(self.generator, self.discriminator), torch.no_grad():
+                before = _mean(self._d(self._g(call.args, call.kwargs)))
+            rest, rest_kwargs = (), {}
+        real_call = self._real_call
+        if real_call is not None:
+            real = lambda: self._d(*real_call.args, **real_call.kwargs)  # noqa: E731  # called after G's step
+        elif self.real is not None:
+            batch = self._real_batch()
+            real = lambda: self._d(batch)  # noqa: E731  # called after G's step
+        else:
+            logger.warning("balance-ratio probe: no real batch for this sample (the D step's real batch could "
+                           "not be identified and no real= was given); sample skipped")
+            return False
+        self._pending = (real, call.args, call.kwargs, before, _Call(rest, rest_kwargs))
+        return True
+
+    def _before_fresh(self) -> bool:
+        real_batch = self._real_batch()
+        n = self.batch_size or (real_batch.shape[0] if isinstance(real_batch, torch.Tensor) else 64)
+        assert self.latent is not None
         with self._seeded():
             z = as_args(self.latent(n))
         with preserved_state(self.generator, self.discriminator), torch.no_grad():
-            before = _mean(self._d(self._g(z)))
-        self._pending = (z, before)
-        self._real = real
+            before = _mean(self._d(self._g(z, {})))
+        self._pending = (lambda: self._d(real_batch), z, {}, before, _Call((), {}))
+        return True
 
     def after_step(self) -> tuple[float, float, float] | None:
         """Return ``(mean D(x), mean D(G(z)), mean D(G'(z)))`` for the pending sample (or None)."""
         if self._pending is None:
             return None
-        z, before = self._pending
+        real, args, kwargs, before, rest = self._pending
         self._pending = None
         with preserved_state(self.generator, self.discriminator), torch.no_grad():
-            after = _mean(self._d(self._g(z)))
-            real = _mean(self._d(self._real))
-        self._real = None
-        return real, before, after
+            after = _mean(self._d(self._g(args, kwargs), *rest.args, **rest.kwargs))
+            real_score = _mean(real())
+        return real_score, before, after
+
+    def forget(self) -> None:
+        """Drop every recorded call (after the probe is switched off)."""
+        self._g_call = self._d_on_fake = self._real_call = None
+        self._pending = None
+        self._d_calls.clear()
+        self._forget_d_step()
 
     def state_dict(self) -> dict[str, Any]:
         """The probe's RNG state (a real-batch iterator cannot be saved; it restarts)."""
-        return {"rng": self.rng.get_state()}
+        return {"rng": self.rng.get_state(), "estimator": self.estimator}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the probe's RNG state."""
+        saved = state.get("estimator", "fresh")
+        if saved != self.estimator:
+            raise ValueError(f"saved balance-ratio estimator is {saved!r}, this probe's is {self.estimator!r}")
         self.rng.set_state(state["rng"])
+
+    def __repr__(self) -> str:
+        return f"BalanceProbe(estimator={self.estimator!r})"
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The output itself, or its first tensor when a module returns several."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return next((x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)), None)
 
 
 def check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:

@@ -34,6 +34,7 @@ from torch.nn.utils import spectral_norm
 
 from sparsegan.data import ImageDataset
 from sparsegan.strategies import DDST, DST, SDST, Dense, Static, Strategy, check_density
+from sparsegan.strategies.ddst import PAPER_BOUNDS, RELAX_INTERVAL
 from sparsegan.wrapper import SparseGANWrapper
 
 __all__ = [
@@ -168,15 +169,16 @@ class SNGANDiscriminator(nn.Module):
 
 @dataclass(frozen=True)
 class Schedule:
-    """The intervals of the sparse-training algorithms for one run.
+    """The intervals of the sparse-training algorithms for one run, all in iterations (G steps).
 
     Attributes:
         g_update_every: G steps between G's prune-and-grow updates (SDST / DDST / DST).
-        d_update_every: D steps between D-density decisions (DDST).
+        d_update_every: Iterations between D-density decisions in relax mode (strict: twice that,
+            see :func:`build_strategy`).
         br_every: G steps between balance-ratio samples.
-        br_window: BR samples averaged by the controller.
-        total_g_steps: G steps of the run (cosine decay of G's drop fraction).
-        total_d_steps: D steps of the run (cosine decay of strict mode's at-cap drop fraction).
+        br_window: BR samples averaged by the controller (``d_update_every // br_every``: the
+            window spans relax's interval, as in the reference).
+        total_g_steps: Iterations of the run (cosine decays; no update at the end of the run).
     """
 
     g_update_every: int
@@ -184,67 +186,67 @@ class Schedule:
     br_every: int
     br_window: int
     total_g_steps: int
-    total_d_steps: int
 
 
-def paper_schedule(iterations: int, n_critic: int = 5) -> Schedule:
-    """The published SNGAN constants: G update every 500 G steps, D decision every 1000 D steps
-    (relax; strict uses 2000, see :func:`build_strategy`), BR every 10 G steps, window 100."""
-    return Schedule(500, 1000, 10, 100, iterations, iterations * n_critic)
+def paper_schedule(iterations: int) -> Schedule:
+    """The published SNGAN constants: G update every 500 G steps, D decision every 1000 iterations
+    (relax; strict every 2000, see :func:`build_strategy`), BR every 10 G steps, window 100 samples
+    (1000 iterations)."""
+    return Schedule(500, RELAX_INTERVAL, 10, RELAX_INTERVAL // 10, iterations)
 
 
-def compressed_schedule(iterations: int, n_critic: int = 5, *, g_updates: int = 4) -> Schedule:
-    """Schedules scaled to a short run, keeping the number of decisions meaningful.
+REFERENCE_ITERATIONS = 100_000
+"""Length of the published runs (iterations), which fixes the proportions of :func:`compressed_schedule`."""
 
-    Published runs last ~10^5 iterations; a CPU demo lasts ~10^3. Keeping the published
-    intervals would mean no D decision at all, so this schedule fixes the *number* of events
-    instead: ``g_updates`` equal intervals between G prune-and-grow updates, i.e.
-    ``g_updates - 1`` updates (none at the end of the run, so ``g_updates=1`` keeps G static), 40
-    D-density decisions (each +-0.05, so D can travel the whole range), a BR sample every
-    ``iterations / 200`` iterations (at most every 10, the published rate) and a window spanning
-    4 decision intervals (published: 5).
 
-    Why only 4 intervals (3 updates) by default: a regrown weight starts at 0 and Adam moves it by about the
-    learning rate per step, so it needs a few hundred steps at lr 2e-4 to reach the magnitude of
-    the weights it competes with (~0.05 here). With updates every 50 steps (20 per 1000) a regrown
-    weight can reach only ~0.01 before the next magnitude prune, and SDST on the digits SNGAN ended
-    at FD 75 against 24 with updates every 250 steps (same 3 seeds, 1000 iterations; see
-    ``results/compare/README.md``). The published interval, 500 steps, allows ~0.1.
+def compressed_schedule(iterations: int, *, g_updates: int = 4) -> Schedule:
+    """Schedules scaled to a short run, in the reference's proportions.
+
+    The published runs last 10^5 iterations with a relax decision every 1000 (100 decisions, the
+    first once the BR window is full), a window as long as relax's interval (100 samples at every
+    10 iterations), and strict deciding half as often. A CPU run lasts ~10^3 iterations; keeping
+    the published intervals would mean no D decision at all. So this schedule keeps the
+    *proportions*: a relax decision every ``iterations / 100`` iterations (strict: twice that), a
+    window spanning exactly one relax interval, a sample every ``interval / 100`` iterations but
+    at least every iteration (so at 1000 iterations: a decision every 10 iterations on the mean of
+    the last 10 samples, one per iteration).
+
+    G is *not* scaled the same way: ``g_updates`` equal intervals between G prune-and-grow updates,
+    i.e. ``g_updates - 1`` updates (none at the end of the run, so ``g_updates=1`` keeps G static).
+    Why only 4 intervals (3 updates) by default: a regrown weight starts at 0 and Adam moves it by
+    about the learning rate per step, so it needs a few hundred steps at lr 2e-4 to reach the
+    magnitude of the weights it competes with (~0.05 here). With updates every 50 steps (20 per
+    1000) a regrown weight can reach only ~0.01 before the next magnitude prune, and SDST on the
+    digits SNGAN ended at FD 75 against 24 with updates every 250 steps (same 3 seeds, 1000
+    iterations; see ``results/compare/README.md``). The published interval, 500 steps, allows ~0.1.
 
     Args:
         iterations: G steps of the run.
-        n_critic: D steps per G step.
         g_updates: Intervals between G prune-and-grow updates (an update every
             ``iterations // g_updates`` G steps, ``g_updates - 1`` in all).
     """
     iterations = max(1, int(iterations))
     if isinstance(g_updates, bool) or not isinstance(g_updates, int) or g_updates < 1:
         raise ValueError(f"g_updates must be a positive int, got {g_updates!r}")
-    decision_iters = max(1, iterations // 40)
-    br_every = max(1, min(10, iterations // 200))
-    window = max(2, (4 * decision_iters) // br_every)
+    decisions = REFERENCE_ITERATIONS // RELAX_INTERVAL
+    interval = max(1, iterations // decisions)
+    br_every = max(1, interval // (RELAX_INTERVAL // 10))
     return Schedule(
         g_update_every=max(1, iterations // g_updates),
-        d_update_every=decision_iters * n_critic,
+        d_update_every=interval,
         br_every=br_every,
-        br_window=window,
+        br_window=max(1, interval // br_every),
         total_g_steps=iterations,
-        total_d_steps=iterations * n_critic,
     )
 
 
 def default_d_density(name: str, g_density: float) -> float:
     """The initial D density a strategy starts from when none is given.
 
-    ``static``, ``sdst``, ``dst`` and ``ddst``/``ddst-relax``: equal to ``g_density`` (the paper's
-    "balanced" choice); ``ddst-strict``: ``max(g_density, 0.3)`` capped at 0.5; ``dense``: 1.
+    Every sparse strategy: equal to ``g_density`` (the paper's "balanced" choice, and the
+    reference's start for both DDST modes); ``dense``: 1.
     """
-    key = _canonical(name)
-    if key == "dense":
-        return 1.0
-    if key == "ddst-strict":
-        return min(0.5, max(g_density, 0.3))
-    return g_density
+    return 1.0 if _canonical(name) == "dense" else g_density
 
 
 def _canonical(name: str) -> str:
@@ -255,7 +257,7 @@ def _canonical(name: str) -> str:
 
 
 def build_strategy(name: str, *, g_density: float, d_density: float | None = None, iterations: int,
-                   n_critic: int = 5, schedule: str | Schedule = "compressed",
+                   schedule: str | Schedule = "compressed",
                    br_bounds: tuple[float, float] | None = None, g_updates: int = 4) -> Strategy:
     """A strategy by name with its schedules set for a run of ``iterations`` G steps.
 
@@ -264,7 +266,6 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
         g_density: Generator density in (0, 1] (ignored by ``dense``).
         d_density: Initial discriminator density (default: :func:`default_d_density`).
         iterations: G steps of the run.
-        n_critic: D steps per G step.
         schedule: ``"compressed"`` (:func:`compressed_schedule`), ``"paper"``
             (:func:`paper_schedule`) or a :class:`Schedule`.
         br_bounds: DDST's balance-ratio bounds (default: the paper's ``(0.45, 0.55)``).
@@ -280,9 +281,9 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
     if isinstance(schedule, Schedule):
         sched = schedule
     elif schedule == "compressed":
-        sched = compressed_schedule(iterations, n_critic, g_updates=g_updates)
+        sched = compressed_schedule(iterations, g_updates=g_updates)
     elif schedule == "paper":
-        sched = paper_schedule(iterations, n_critic)
+        sched = paper_schedule(iterations)
     else:
         raise ValueError(f"schedule must be 'compressed', 'paper' or a Schedule, got {schedule!r}")
     if key == "dense":
@@ -301,10 +302,10 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
         strategy = SDST(g_density, d_density, **common)
     else:
         mode = "strict" if key == "ddst-strict" else "relax"
-        d_every = sched.d_update_every * (2 if schedule == "paper" and mode == "strict" else 1)
+        d_every = sched.d_update_every * (2 if mode == "strict" else 1)
         strategy = DDST(g_density, d_density, mode=mode, d_update_every=d_every, br_every=sched.br_every,
-                        br_window=sched.br_window, d_total_steps=sched.total_d_steps,
-                        d_min_density=min(0.05, d_density), br_bounds=br_bounds or (0.45, 0.55), **common)
+                        br_window=sched.br_window, d_min_density=min(0.05, d_density),
+                        br_bounds=br_bounds or PAPER_BOUNDS, **common)
     return _with_probe_rate(strategy, sched)
 
 
@@ -485,7 +486,7 @@ def train(config: TrainConfig, data: ImageDataset, *, callback: Callback | None 
         raise ValueError("iterations and n_critic must be >= 1 and batch_size >= 2")
     device = torch.device(config.device)
     strategy = build_strategy(config.strategy, g_density=config.g_density, d_density=config.d_density,
-                              iterations=config.iterations, n_critic=config.n_critic, schedule=config.schedule,
+                              iterations=config.iterations, schedule=config.schedule,
                               br_bounds=config.br_bounds, g_updates=config.g_updates)
     data = data.to(device)
     torch.manual_seed(config.seed)

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, format_table, isolated_rng, preserved_state, unwrap_model, unwrap_optimizer
-from sparsegan.balance import BalanceProbe, BalanceRatio
+from sparsegan.balance import ESTIMATORS, BalanceEstimator, BalanceProbe, BalanceRatio
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
 from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.ema import SparseEMA
@@ -123,9 +123,17 @@ class SparseGANWrapper:
             to build example inputs for discovery and by the balance-ratio probe.
         real: Optional real batches for the balance-ratio probe: an iterable (a DataLoader is
             cycled; ``(image, label)`` batches give D the image) or a callable ``n -> batch``.
-            With ``latent`` and ``real`` the wrapper measures BR every ``strategy.br_every`` G
-            steps; without them, feed BR with :meth:`observe`.
-        probe_batch_size: Latents per BR sample (default: the real batch's size).
+            The ``"fresh"`` estimator needs it; ``"step"`` uses it only when it cannot tell the
+            real batch of the user's D step apart.
+        br_estimator: How the balance ratio is measured every ``strategy.br_every`` G steps:
+            ``"step"`` (default, the reference's estimator: the latents of the user's own G
+            step, D's score of them from that step, and the real batch of the last D step,
+            recorded by forward hooks), ``"fresh"`` (fresh latents from ``latent`` and real
+            batches from ``real``: a different, smaller quantity) or ``None`` (no probe; feed BR
+            with :meth:`observe`). The ``"step"`` probe runs whenever the strategy needs BR
+            (DDST) or ``real`` is given; the first :meth:`observe` call switches it off. See
+            :class:`~sparsegan.balance.BalanceProbe`.
+        probe_batch_size: Latents per ``"fresh"`` BR sample (default: the real batch's size).
         g_example_inputs: Example positional input(s) of G for discovery (default: ``latent(2)``).
         d_example_inputs: Example input(s) of D (default: G's output on the G example).
         include: Only mask discovered weights matching this glob / list / callable; or a dict
@@ -156,6 +164,7 @@ class SparseGANWrapper:
         seed: int = 0,
         latent: Callable[[int], Any] | None = None,
         real: Iterable[Any] | Callable[[int], Any] | None = None,
+        br_estimator: BalanceEstimator | None = "step",
         probe_batch_size: int | None = None,
         g_example_inputs: Any = None,
         d_example_inputs: Any = None,
@@ -194,15 +203,17 @@ class SparseGANWrapper:
             )
         self.balance = BalanceRatio(self.strategy.br_window)
         self._probe: BalanceProbe | None = None
-        if latent is not None and real is not None:
+        self._probe_handles: list[RemovableHandle] = []
+        needs_br = any(getattr(n.algorithm, "needs_balance_ratio", False) for n in self._networks.values())
+        if br_estimator is not None and br_estimator not in ESTIMATORS:
+            raise ValueError(f"br_estimator must be 'step', 'fresh' or None, got {br_estimator!r}")
+        if br_estimator == "fresh" or (br_estimator == "step" and (needs_br or real is not None)):
             self._probe = BalanceProbe(modules["generator"], modules["discriminator"], latent, real,
-                                       batch_size=probe_batch_size, seed=self.seed + 2)
-        elif real is not None:
-            raise ValueError("real= was given without latent=; the balance-ratio probe needs both")
-        elif any(getattr(n.algorithm, "needs_balance_ratio", False) for n in self._networks.values()):
-            logger.warning("%s steers D's density by the balance ratio, but no probe was configured: "
-                           "pass latent= and real= to SparseGANWrapper, or call sg.observe(...) after each "
-                           "generator step", type(self.strategy).__name__)
+                                       estimator=br_estimator, batch_size=probe_batch_size, seed=self.seed + 2)
+            self._probe_handles = self._probe.attach()
+        elif needs_br:
+            logger.warning("%s steers D's density by the balance ratio, but br_estimator=None: call "
+                           "sg.observe(...) after each generator step", type(self.strategy).__name__)
         self.ema: SparseEMA | None = None
         if g_ema is not None:  # copied before the hooks exist, so the copy carries none of ours
             self.ema = SparseEMA(modules["generator"], g_ema, masks=self.masks("generator"))
@@ -285,7 +296,8 @@ class SparseGANWrapper:
         if net.name == "generator":
             def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                 if self._probe is not None and (net.steps + 1) % self.strategy.br_every == 0:
-                    self._probe.before_step()
+                    if not self._probe.before_step():
+                        self.balance.skipped += 1
 
             net.handles.append(net.optimizer.register_step_pre_hook(before_step))
         if net.algorithm is not None:
@@ -295,16 +307,22 @@ class SparseGANWrapper:
         net.steps += 1
         if net.algorithm is not None:
             net.weights.apply_()
-        if net.name == "generator" and self._probe is not None and self._probe.pending:
-            measured = self._probe.after_step()
-            if measured is not None:
-                self.balance.add(*all_reduce_mean(measured), step=net.steps)
+        if self._probe is not None:
+            if net.name == "generator" and self._probe.pending:
+                measured = self._probe.after_step()
+                if measured is not None:
+                    self.balance.add(*all_reduce_mean(measured), step=net.steps)
+            elif net.name == "discriminator":
+                self._probe.discriminator_stepped()
         changed = False
         if net.algorithm is not None:
-            if net.algorithm.needs_balance_ratio and net.algorithm.is_due(net.steps):
+            clock: dict[str, Any] = {}
+            if net.algorithm.needs_balance_ratio:
+                clock = {"iteration": self._networks["generator"].steps}
+            due = net.algorithm.is_due(net.steps, **clock)
+            if due and clock:
                 self._check_balance_source()
-            due = net.algorithm.is_due(net.steps)
-            extra = {"balance": self.balance} if net.algorithm.needs_balance_ratio else {}
+            extra = {"balance": self.balance, **clock} if clock else {}
             changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, **extra)
             if due and is_distributed():
                 changed = self._sync_masks(net) or changed
@@ -340,8 +358,8 @@ class SparseGANWrapper:
         if self._probe is None and not self.balance.history and self.balance.skipped == 0:
             raise RuntimeError(
                 f"{type(self.strategy).__name__} needs balance-ratio samples to steer the discriminator's "
-                "density, but none were measured. Either pass latent= (n -> G input) and real= (real "
-                "batches) to SparseGANWrapper so it measures them itself, or call "
+                "density, but none were measured. Either leave br_estimator='step' (the default) so the "
+                "wrapper measures them on your G steps, or call "
                 "sg.observe(d_real=..., d_fake_before=..., d_fake_after=...) after each generator step."
             )
 
@@ -385,9 +403,15 @@ class SparseGANWrapper:
             d_fake_before: D's scores of G(z) before the generator's update.
             d_fake_after: D's scores of G'(z) for the same z after the update.
 
+        The first call switches the wrapper's own probe off (the loop now feeds every sample).
+
         Returns:
             The sample, or ``None`` when it was skipped (non-finite scores, zero denominator).
         """
+        if self._probe is not None:
+            logger.info("observe() called: the wrapper's balance-ratio probe is switched off, samples now "
+                        "come from observe()")
+            self._remove_probe()
         values = [float(torch.as_tensor(v).detach().float().mean()) for v in (d_real, d_fake_before, d_fake_after)]
         return self.balance.add(*all_reduce_mean(values), step=self._networks["generator"].steps)
 
@@ -446,7 +470,8 @@ class SparseGANWrapper:
             blocks.append("\n".join(format_table(rows)))
             blocks += found.skipped_lines()
         if self._probe is not None:
-            source = f"probe every {self.strategy.br_every} G steps"
+            latents = "the G step's own latents" if self._probe.estimator == "step" else "fresh latents"
+            source = f"probe on {latents} every {self.strategy.br_every} G steps"
         else:
             source = "one sample per observe() call"
         blocks.append(f"\nbalance ratio ({source}, window {self.balance.window}): {self.balance!r}")
@@ -497,7 +522,10 @@ class SparseGANWrapper:
         except ValueError as exc:
             raise WrapperStateError(f"balance ratio: {exc}") from None
         if self._probe is not None and state.get("probe") is not None:
-            self._probe.load_state_dict(state["probe"])
+            try:
+                self._probe.load_state_dict(state["probe"])
+            except ValueError as exc:
+                raise WrapperStateError(f"balance-ratio probe: {exc}; wrap with the same br_estimator") from None
         if self.ledger is not None and state.get("ledger") is not None:
             self.ledger.load_state_dict(state["ledger"])
         if self.ema is not None and state.get("ema") is not None:
@@ -534,8 +562,17 @@ class SparseGANWrapper:
             "wrap the restored models again."
         )
 
+    def _remove_probe(self) -> None:
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe_handles.clear()
+        if self._probe is not None:
+            self._probe.forget()
+        self._probe = None
+
     def remove(self) -> None:
         """Remove every hook. Weights stay as they are (inactive ones remain 0)."""
+        self._remove_probe()
         for net in self._networks.values():
             for handle in net.handles:
                 handle.remove()

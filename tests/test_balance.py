@@ -187,10 +187,12 @@ def test_ddst_raises_density_of_a_too_weak_discriminator() -> None:
     actions = _check_decisions(sg)
     ratios = [h[1] for h in sg.balance.history][:7]
     assert ratios == sorted(ratios) and ratios[-1] > 0.55  # BR rises while G closes on the real data
-    # the D step of iteration 8 sees the window (BR_6 + BR_7) / 2 >= 0.55 and grows D
-    assert actions[7] == "grow"
-    decisions = [d for _, d in sg.algorithm("D").controller.decisions]
-    assert decisions[7].density == pytest.approx(decisions[6].density + 0.05)
+    # the decision for iteration 7 (made at iteration 8's D step) sees the window (BR_6 + BR_7) / 2
+    # >= 0.55 and grows D; one decision per iteration, not per D step
+    assert len(actions) == 7 and actions[6] == "grow"
+    decisions = sg.algorithm("D").controller.decisions
+    assert [s for s, _ in decisions] == list(range(1, 8))
+    assert decisions[6][1].density == pytest.approx(decisions[5][1].density + 0.05)
     # (once G's fakes outscore the real data the denominator turns negative and so does BR)
 
 
@@ -208,7 +210,10 @@ def test_ddst_lowers_density_of_a_too_strong_discriminator() -> None:
     assert_masks_hold(sg, G, D)
     actions = _check_decisions(sg)
     assert sg.balance_ratio == 0.0
-    assert actions[0] == "hold" and set(actions[1:]) <= {"prune", "hold"} and actions.count("prune") == 5
+    # decisions every 10 iterations; the window (5 samples x every 2) is full at iteration 10, so the
+    # first decision already acts; iteration 100's would come at a D step the loop never takes
+    assert [s for s, _ in sg.algorithm("D").controller.decisions] == list(range(10, 100, 10))
+    assert actions == ["prune"] * 5 + ["hold"] * 4
     assert sg.density("D") == pytest.approx(0.05, abs=2e-3)  # 0.3 -> 0.05 in five steps of 0.05
 
 
@@ -230,23 +235,31 @@ def test_ddst_with_observe_instead_of_the_probe() -> None:
         with torch.no_grad():  # the user's own numbers: a D that is too weak (BR = 0.9)
             sg.observe(d_real=1.0, d_fake_before=0.0, d_fake_after=0.9)
     assert sg.balance_ratio == pytest.approx(0.9)
-    assert sg.density("D") == pytest.approx(0.35, abs=2e-3)  # decisions at D steps 5, 10, 15; window full from 3
+    # decisions for iterations 5 and 10 (the one for 15 would come at a 16th D step); window full from 3
+    assert [s for s, _ in sg.algorithm("D").controller.decisions] == [5, 10]
+    assert sg.density("D") == pytest.approx(0.3, abs=2e-3)
 
 
 def test_ddst_without_a_balance_source_is_a_clear_error(caplog) -> None:
     G, D = mlp_gan()
     g_opt, d_opt = adam(G), adam(D)
     with caplog.at_level(logging.WARNING):
-        SparseGANWrapper(G, D, g_opt, d_opt, strategy=DDST(0.2, 0.2, d_update_every=3))
+        SparseGANWrapper(G, D, g_opt, d_opt, strategy=DDST(0.2, 0.2, d_update_every=3), br_estimator=None)
     assert "observe" in caplog.text
-    with pytest.raises(RuntimeError, match="latent=.*real=.*observe"):
-        train(G, D, g_opt, d_opt, 3, latent=8)
+    with pytest.raises(RuntimeError, match="br_estimator='step'.*observe"):
+        train(G, D, g_opt, d_opt, 4, latent=8)  # the decision for iteration 3 comes at iteration 4's D step
 
 
-def test_real_without_latent_is_rejected() -> None:
+def test_fresh_estimator_needs_latent_and_real() -> None:
     G, D = mlp_gan()
-    with pytest.raises(ValueError, match="latent"):
-        SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), real=lambda n: torch.randn(n, 2))
+    with pytest.raises(ValueError, match="latent=.*real="):
+        SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), real=lambda n: torch.randn(n, 2),
+                         br_estimator="fresh")
+    with pytest.raises(ValueError, match="br_estimator"):
+        SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), br_estimator="later")  # type: ignore[arg-type]  # a bad value on purpose
+    # the step estimator needs neither: its latents and real batches are the training step's
+    sg = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), real=lambda n: torch.randn(n, 2))
+    assert "the G step's own latents" in sg.report()
 
 
 def test_sdst_defaults_follow_the_paper() -> None:

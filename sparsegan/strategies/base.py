@@ -82,6 +82,7 @@ class SparsityAlgorithm(abc.ABC):
             generator: The network's random generator.
             balance: The wrapper's balance-ratio estimate; passed only to algorithms that set
                 :attr:`needs_balance_ratio` (others may omit the keyword from their signature).
+                Those algorithms also receive ``iteration=``: the generator's optimizer steps.
 
         Returns:
             Whether the masks changed.
@@ -91,8 +92,12 @@ class SparsityAlgorithm(abc.ABC):
     schedule: UpdateSchedule | None = None
     """When :meth:`update` considers a change (``None``: never, as for static masks)."""
 
-    def is_due(self, step: int) -> bool:
-        """Whether :meth:`update` considers a change at ``step``."""
+    def is_due(self, step: int, *, iteration: int | None = None) -> bool:
+        """Whether :meth:`update` considers a change at ``step``.
+
+        ``iteration`` (the generator's optimizer steps so far) is passed, like ``balance``, only
+        to algorithms that set :attr:`needs_balance_ratio`; their decisions run on that clock.
+        """
         return self.schedule is not None and self.schedule.is_due(step)
 
     def state_dict(self) -> dict[str, Any]:

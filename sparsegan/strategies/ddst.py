@@ -3,7 +3,7 @@
 * :class:`SDST` (single DST): DST on the generator with the paper's defaults (every 500 G steps,
   drop fraction 0.5 cosine-decayed, global magnitude prune, global gradient growth); the
   discriminator keeps static masks.
-* :class:`DDST` (double DST / ADAPT): G as in SDST; every ``d_update_every`` D steps the
+* :class:`DDST` (double DST / ADAPT): G as in SDST; every ``d_update_every`` iterations (G steps) the
   :class:`~sparsegan.balance.DensityController` reads the windowed balance ratio and raises D's
   density (growing the inactive weights with the largest dense gradient), lowers it (pruning
   the smallest active weights), or - in ``"strict"`` mode at the density cap - replaces part of
@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -24,21 +25,39 @@ from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFr
 from sparsegan.strategies.base import Distribution, SparsityAlgorithm, register_strategy
 from sparsegan.strategies.dst import DST, DynamicSparsity, Scope
 
-__all__ = ["ControlledDensity", "SDST", "DDST"]
+__all__ = ["ControlledDensity", "SDST", "DDST", "PAPER_BOUNDS", "RELAX_INTERVAL", "STRICT_CAP"]
 
 logger = logging.getLogger(__name__)
+
+PAPER_BOUNDS: tuple[float, float] = (0.45, 0.55)
+"""The paper's BR bounds, chosen for its SNGAN on CIFAR-10 and the reference's estimator."""
+RELAX_INTERVAL = 1000
+"""Iterations between relax decisions in the reference (strict: twice as many)."""
+STRICT_CAP = 0.5
+"""D's density cap in strict mode in the reference."""
 
 
 class ControlledDensity(SparsityAlgorithm):
     """The discriminator under DDST: its density follows a :class:`~sparsegan.balance.DensityController`.
 
+    Decisions are scheduled in **iterations** (generator steps), as in the reference, whatever
+    ``n_critic`` is. The reference counts D steps and decides when that count is a multiple of
+    ``update_frequency_D x n_critic``, checked once per iteration after the G step, so it decides
+    after iterations ``every, 2 * every, ...``. Here the decision for iteration ``k * every`` is
+    carried out at D's first optimizer step after that iteration's G step (the BR window then
+    holds exactly what the reference's holds, since no sample is taken in between), so that
+    gradient growth reads D's own loss gradient and not whatever the G step left in D's
+    ``.grad``. No decision is made at iteration ``stop`` (the end of the run) or later.
+
     Args:
         density: Initial density.
         distribution: Initial layer-wise allocation.
         controller: The BR controller (owns the current target density).
-        update: When the controller is consulted (in D steps).
-        min_samples: BR samples the window must hold before the controller acts.
-        connectivity: The at-cap prune-and-grow of strict mode (``None`` in relax mode).
+        update: When the controller is consulted, in iterations (G steps).
+        min_samples: BR samples the window must hold before the controller acts (the reference:
+            a full window).
+        connectivity: The at-cap prune-and-grow of strict mode (``None`` in relax mode); its drop
+            fraction is read at the iteration.
         grow: Grow score used when the density rises (``"gradient"`` in the paper).
         prune: Prune score used when the density falls (``"magnitude"``).
     """
@@ -51,24 +70,44 @@ class ControlledDensity(SparsityAlgorithm):
         super().__init__(density, distribution)
         self.controller = controller
         self.schedule = update
+        self.every = update.every
         self.min_samples = min_samples
         self.connectivity = connectivity
         self.grow, self.prune = grow, prune
         self.grow_score, self.prune_score = get_score(grow, "grow"), get_score(prune, "prune")
+        self.decided_at = 0
+        """The last iteration a decision was made for (0: none yet)."""
+
+    def is_due(self, step: int, *, iteration: int | None = None) -> bool:
+        """Whether the decision for ``iteration`` (G steps so far) is still to be made."""
+        return (iteration is not None and iteration != self.decided_at and self.schedule is not None
+                and self.schedule.is_due(iteration))
 
     def update(self, step: int, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator, *, balance: BalanceRatio | None = None) -> bool:
-        """Consult the controller when due and resize (or rewire) D's masks accordingly."""
-        if not self.is_due(step):
+               generator: torch.Generator, *, balance: BalanceRatio | None = None,
+               iteration: int | None = None) -> bool:
+        """Consult the controller when due and resize (or rewire) D's masks accordingly.
+
+        Args:
+            step: D's optimizer steps so far.
+            weights: D's masked weights.
+            optimizer: D's optimizer.
+            generator: D's random generator.
+            balance: The windowed balance ratio.
+            iteration: G's optimizer steps so far (the controller's clock).
+        """
+        if not self.is_due(step, iteration=iteration):
             return False
+        assert iteration is not None
+        self.decided_at = iteration
         value = balance.value if balance is not None and len(balance) >= self.min_samples else None
-        decision = self.controller.decide(value, step=step)
-        logger.info("DDST controller at D step %d: BR %s -> %s, D density %.4f", step,
+        decision = self.controller.decide(value, step=iteration)
+        logger.info("DDST controller at iteration %d (D step %d): BR %s -> %s, D density %.4f", iteration, step,
                     "n/a" if value is None else f"{value:.4f}", decision.action, decision.density)
         if decision.action == "dst":
             assert self.connectivity is not None
             return self.connectivity.prune_and_grow(
-                weights, optimizer, generator, float(self.connectivity.drop_fraction(step))) > 0
+                weights, optimizer, generator, float(self.connectivity.drop_fraction(iteration))) > 0
         if decision.action == "hold":
             return False
         self.density = decision.density
@@ -93,17 +132,18 @@ class ControlledDensity(SparsityAlgorithm):
         weights.set_masks(new, [optimizer])
         return True
 
-    def state_dict(self) -> dict:
-        """The controller's density and decision log."""
-        return {"controller": self.controller.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's density and decision log, and the last iteration decided."""
+        return {"controller": self.controller.state_dict(), "decided_at": self.decided_at}
 
-    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the controller (and so the target density)."""
         self.controller.load_state_dict(state["controller"])
         self.density = self.controller.density
+        self.decided_at = int(state.get("decided_at", 0))
 
     def _config(self) -> str:
-        return f"{super()._config()}, controller={self.controller!r}, update={self.schedule}"
+        return f"{super()._config()}, controller={self.controller!r}, every={self.every} iterations"
 
 
 def _paper_drop_schedule(drop_fraction: float | DropFractionSchedule, total_steps: int | None,
@@ -151,80 +191,99 @@ class SDST(DST):
 class DDST(SDST):
     """Double dynamic sparse training (ADAPT): G as SDST, D's density steered by the balance ratio.
 
-    The balance ratio is measured by the wrapper's probe (pass ``latent=`` and ``real=`` to
-    :class:`~sparsegan.SparseGANWrapper`) or fed by the user with ``sg.observe(...)``.
+    The balance ratio is measured by the wrapper's probe (by default on the latents of the
+    user's own G step, as the reference does; see :class:`~sparsegan.balance.BalanceProbe`) or
+    fed by the user with ``sg.observe(...)``.
+
+    Units follow the reference (Wang et al., 2023, and its published scripts): the controller
+    decides every ``d_update_every`` **iterations** (generator steps; 1000 in relax, 2000 in
+    strict), independent of ``n_critic``, and its BR window spans relax's interval (1000
+    iterations = 100 samples at ``br_every`` 10), so each relax decision sees only what happened
+    since the previous one; the first decision waits until the window is full.
 
     Args:
         g_density: Generator density in (0, 1].
-        d_density: Initial discriminator density (the paper: equal to ``g_density`` in relax mode,
-            e.g. 0.3 in strict mode).
+        d_density: Initial discriminator density (default: ``g_density``, in both modes, as in
+            the reference; an earlier version of our method notes said 0.3 for strict, a
+            misreading).
         mode: ``"relax"`` (D may become dense) or ``"strict"`` (D capped at ``d_max_density``; at
             the cap, a connectivity update instead of growth).
-        br_bounds: ``(lower, upper)``: BR >= upper raises D's density, BR <= lower lowers it.
+        br_bounds: ``(lower, upper)``: BR >= upper raises D's density, BR <= lower lowers it. The
+            paper's (0.45, 0.55) were chosen for its SNGAN; see :mod:`sparsegan.bounds` for
+            bounds that fit another model.
         density_step: Density change per controller decision (0.05).
-        d_update_every: D steps between controller decisions (1000 relax, 2000 strict by default).
+        d_update_every: Iterations (G steps) between controller decisions (1000 relax, 2000 strict).
         d_max_density: Density cap (1.0 relax, 0.5 strict by default).
         d_min_density: Density floor (0.05).
         br_every: G steps between BR samples (10).
-        br_window: BR samples averaged (100).
+        br_window: BR samples averaged (default: relax's interval in samples, i.e.
+            ``d_update_every // br_every`` in relax and half that in strict: 100 at the defaults).
         br_min_samples: Samples needed before the controller acts (default: a full window).
-        d_drop_fraction: Initial drop fraction of strict mode's at-cap update (0.5, cosine-decayed
-            over ``d_total_steps``).
-        d_total_steps: D optimizer steps of the run (for that decay).
+        d_drop_fraction: Initial drop fraction of strict mode's at-cap update (0.5), cosine-decayed
+            over ``total_steps`` iterations.
         update_every: G's DST interval in G steps (500).
         drop_fraction: G's initial drop fraction (0.5, cosine-decayed over ``total_steps``).
-        total_steps: G optimizer steps of the run.
+        total_steps: Iterations (G optimizer steps) of the run: the cosine decays' length, and
+            the end of the run, at which no update is made.
         distribution: Initial layer-wise allocation of both networks.
         prune: G's prune score.
         grow: G's grow score.
         scope: G's selection scope.
     """
 
-    def __init__(self, g_density: float, d_density: float, *, mode: Literal["relax", "strict"] = "relax",
-                 br_bounds: tuple[float, float] = (0.45, 0.55), density_step: float = 0.05,
-                 d_update_every: int | None = None, d_max_density: float | None = None,
-                 d_min_density: float = 0.05, br_every: int = 10, br_window: int = 100,
-                 br_min_samples: int | None = None, d_drop_fraction: float = 0.5,
-                 d_total_steps: int | None = None, update_every: int = 500,
+    def __init__(self, g_density: float, d_density: float | None = None, *,
+                 mode: Literal["relax", "strict"] = "relax", br_bounds: tuple[float, float] = PAPER_BOUNDS,
+                 density_step: float = 0.05, d_update_every: int | None = None, d_max_density: float | None = None,
+                 d_min_density: float = 0.05, br_every: int = 10, br_window: int | None = None,
+                 br_min_samples: int | None = None, d_drop_fraction: float = 0.5, update_every: int = 500,
                  drop_fraction: float | DropFractionSchedule = 0.5, total_steps: int | None = None,
                  distribution: Distribution = "erk", prune: str = "magnitude", grow: str = "gradient",
                  scope: Scope = "global") -> None:
-        super().__init__(g_density, d_density, update_every=update_every, drop_fraction=drop_fraction,
-                         total_steps=total_steps, distribution=distribution, prune=prune, grow=grow, scope=scope)
+        super().__init__(g_density, g_density if d_density is None else d_density, update_every=update_every,
+                         drop_fraction=drop_fraction, total_steps=total_steps, distribution=distribution,
+                         prune=prune, grow=grow, scope=scope)
         if mode not in ("relax", "strict"):
             raise ValueError(f"mode must be 'relax' or 'strict', got {mode!r}")
         self.mode = mode
         self.br_bounds = check_bounds(br_bounds)
         self.density_step = density_step
-        self.d_update_every = d_update_every if d_update_every is not None else (1000 if mode == "relax" else 2000)
-        self.d_max_density = d_max_density if d_max_density is not None else (1.0 if mode == "relax" else 0.5)
+        self.d_update_every = d_update_every if d_update_every is not None else RELAX_INTERVAL * (
+            1 if mode == "relax" else 2)
+        self.d_max_density = d_max_density if d_max_density is not None else (1.0 if mode == "relax" else STRICT_CAP)
         self.d_min_density = d_min_density
-        for name, value in (("br_every", br_every), ("br_window", br_window), ("d_update_every", self.d_update_every)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (("br_every", br_every), ("d_update_every", self.d_update_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if br_window is None:
+            relax_interval = self.d_update_every if mode == "relax" else self.d_update_every // 2
+            br_window = max(1, relax_interval // br_every)
+        if isinstance(br_window, bool) or not isinstance(br_window, int) or br_window < 1:
+            raise ValueError(f"br_window must be a positive int, got {br_window!r}")
         self.br_every, self.br_window = br_every, br_window
         self.br_min_samples = br_window if br_min_samples is None else br_min_samples
         if not 1 <= self.br_min_samples <= br_window:
             raise ValueError(f"br_min_samples must be in [1, br_window={br_window}], got {br_min_samples!r}")
-        self.d_drop_fraction, self.d_total_steps = d_drop_fraction, d_total_steps
+        self.d_drop_fraction = d_drop_fraction
         # fail now, not at the first controller update
-        DensityController(self.d_density, bounds=self.br_bounds, step=density_step, min_density=d_min_density,
-                          max_density=self.d_max_density, mode=mode)
+        self._controller()
+
+    def _controller(self) -> DensityController:
+        return DensityController(self.d_density, bounds=self.br_bounds, step=self.density_step,
+                                 min_density=self.d_min_density, max_density=self.d_max_density, mode=self.mode)
 
     def build(self) -> dict[str, SparsityAlgorithm | None]:
         """DST on G; a BR-controlled density on D."""
         built = super().build()
+        decisions = UpdateSchedule(self.d_update_every, stop=self.total_steps)
         connectivity = None
         if self.mode == "strict":
             connectivity = DynamicSparsity(
-                self.d_density, self.distribution, update=UpdateSchedule(self.d_update_every),
-                drop_fraction=_paper_drop_schedule(self.d_drop_fraction, self.d_total_steps, "DDST strict at-cap DST"),
+                self.d_density, self.distribution, update=decisions,
+                drop_fraction=_paper_drop_schedule(self.d_drop_fraction, self.total_steps, "DDST strict at-cap DST"),
                 prune="magnitude", grow="gradient", scope="global",
             )
-        controller = DensityController(self.d_density, bounds=self.br_bounds, step=self.density_step,
-                                       min_density=self.d_min_density, max_density=self.d_max_density, mode=self.mode)
         built["discriminator"] = ControlledDensity(
-            self.d_density, self.distribution, controller=controller, update=UpdateSchedule(self.d_update_every),
+            self.d_density, self.distribution, controller=self._controller(), update=decisions,
             min_samples=self.br_min_samples, connectivity=connectivity,
         )
         return built
