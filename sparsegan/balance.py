@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from sparsegan._utils import as_args, isolated_rng, module_device, preserved_state
 
 __all__ = ["BalanceEstimator", "BalanceRatio", "BalanceProbe", "DensityController", "Decision", "ESTIMATORS",
-           "check_bounds"]
+           "WARMUP", "WARMUP_BAND", "Bounds", "check_bounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -432,16 +432,28 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return next((x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)), None)
 
 
-def check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
-    """Validate BR bounds ``(lower, upper)``: ordered, within [0, 1].
+WARMUP = "warmup"
+"""``br_bounds="warmup"``: bounds taken from the balance ratio of the first full window."""
+
+WARMUP_BAND: tuple[float, float] = (0.9, 1.1)
+"""The warm-up bounds relative to the first window's BR: the paper's band (0.45, 0.55) is its
+centre 0.5 +- 10 %."""
+
+Bounds = tuple[float, float] | Literal["warmup"]
+
+
+def check_bounds(bounds: Bounds) -> tuple[float, float] | Literal["warmup"]:
+    """Validate BR bounds: ``"warmup"``, or ``(lower, upper)`` ordered within [0, 1].
 
     Raises:
         ValueError: naming the problem (the paper uses (0.45, 0.55)).
     """
+    if bounds == WARMUP:
+        return WARMUP
     try:
         lower, upper = (float(b) for b in bounds)
     except (TypeError, ValueError):
-        raise ValueError(f"br_bounds must be a pair (lower, upper) of numbers, got {bounds!r}") from None
+        raise ValueError(f"br_bounds must be a pair (lower, upper) of numbers or 'warmup', got {bounds!r}") from None
     if not (0.0 <= lower < upper <= 1.0):
         raise ValueError(
             f"br_bounds must satisfy 0 <= lower < upper <= 1, got {bounds!r}; the paper uses (0.45, 0.55)"
@@ -473,16 +485,22 @@ class DensityController:
     * BR <= lower bound: D too strong -> density - ``step`` (down to ``min_density``).
     * otherwise, or without a BR yet: hold.
 
+    *Warm-up bounds* (``bounds="warmup"``, our extension, not in the paper): decisions hold until
+    :meth:`calibrate` is given the mean BR of a warm-up measured while D is still at its initial
+    density (d_G: the paper's balanced start), which fixes the bounds at ``WARMUP_BAND`` (0.9x,
+    1.1x) of it. The controller then keeps the balance where the balanced start put it, in the
+    paper's relative band width (0.5 +- 10 %), whatever the model's BR scale is.
+
     Args:
         density: Initial density of D.
-        bounds: ``(lower, upper)`` BR bounds.
+        bounds: ``(lower, upper)`` BR bounds, or ``"warmup"``.
         step: Density change per decision.
         min_density: Floor (0.05 in the paper).
         max_density: Cap (1.0 in relax mode, e.g. 0.5 in strict).
         mode: ``"relax"`` or ``"strict"``.
     """
 
-    def __init__(self, density: float, *, bounds: tuple[float, float] = (0.45, 0.55), step: float = 0.05,
+    def __init__(self, density: float, *, bounds: Bounds = (0.45, 0.55), step: float = 0.05,
                  min_density: float = 0.05, max_density: float = 1.0,
                  mode: Literal["relax", "strict"] = "relax") -> None:
         if mode not in ("relax", "strict"):
@@ -494,16 +512,22 @@ class DensityController:
         if not min_density <= density <= max_density:
             raise ValueError(f"initial D density {density!r} is outside [min_density, max_density] = "
                              f"[{min_density}, {max_density}]")
-        self.bounds = check_bounds(bounds)
+        checked = check_bounds(bounds)
+        self.warmup = checked == WARMUP
+        self.bounds: tuple[float, float] | None = None if checked == WARMUP else checked  # type: ignore[assignment]  # the pair once 'warmup' is excluded
         self.step, self.min_density, self.max_density, self.mode = step, min_density, max_density, mode
         self.density = float(density)
         self.decisions: list[tuple[int, Decision]] = []
 
     def decide(self, balance_ratio: float | None, *, step: int = -1) -> Decision:
         """Decide on D's density from the windowed BR (and remember the new density)."""
-        lower, upper = self.bounds
         action: Literal["grow", "prune", "dst", "hold"] = "hold"
         density = self.density
+        if self.bounds is None:  # warm-up: no decision before calibrate() fixed the bounds
+            decision = Decision(action, density, balance_ratio)
+            self.decisions.append((step, decision))
+            return decision
+        lower, upper = self.bounds
         if balance_ratio is not None and balance_ratio >= upper:
             if density < self.max_density - 1e-12:
                 density, action = min(self.max_density, round(density + self.step, 10)), "grow"
@@ -517,16 +541,35 @@ class DensityController:
         self.decisions.append((step, decision))
         return decision
 
+    def calibrate(self, balance_ratio: float) -> bool:
+        """Fix warm-up bounds at ``WARMUP_BAND`` times ``balance_ratio`` (the warm-up's mean BR).
+
+        Returns:
+            Whether the bounds were fixed (a BR outside ``(0, 1 / 1.1]`` fixes nothing, with a warning).
+        """
+        if 0.0 < balance_ratio * WARMUP_BAND[1] <= 1.0:
+            self.bounds = (balance_ratio * WARMUP_BAND[0], balance_ratio * WARMUP_BAND[1])
+            logger.info("DDST warm-up bounds from the warm-up's mean BR %.4f: (%.4f, %.4f)", balance_ratio, *self.bounds)
+            return True
+        logger.warning("DDST warm-up: the warm-up's mean BR %.4f cannot centre bounds in [0, 1]; trying again at "
+                       "the next decision", balance_ratio)
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Current density and the decision log."""
-        return {"density": self.density,
+        return {"density": self.density, "bounds": self.bounds,
                 "decisions": [(s, d.action, d.density, d.balance_ratio) for s, d in self.decisions]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         self.density = float(state["density"])
+        saved = state.get("bounds", self.bounds)
+        if not self.warmup and saved is not None and tuple(saved) != self.bounds:
+            raise ValueError(f"saved BR bounds {tuple(saved)} differ from this controller's {self.bounds}")
+        self.bounds = None if saved is None else (float(saved[0]), float(saved[1]))
         self.decisions = [(s, Decision(a, d, b)) for s, a, d, b in state["decisions"]]
 
     def __repr__(self) -> str:
-        return (f"DensityController(mode={self.mode!r}, density={self.density:.4f}, bounds={self.bounds}, "
+        bounds = self.bounds if self.bounds is not None else "warmup (pending)"
+        return (f"DensityController(mode={self.mode!r}, density={self.density:.4f}, bounds={bounds}, "
                 f"step={self.step}, range=[{self.min_density}, {self.max_density}])")

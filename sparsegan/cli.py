@@ -41,11 +41,11 @@ COMPARE_DEFAULT = ("dense", "static", "sdst", "ddst-relax", "ddst-strict")
 PAPER_BR_BOUNDS = (0.45, 0.55)
 """The paper's DDST bounds, chosen for SNGAN on CIFAR-10 (G 4.3M weights); ``--br-bounds paper``."""
 
-CALIBRATED_BR_BOUNDS = (0.029, 0.066)
-"""The command line's default DDST bounds: the BR band of the good Static runs of its own SNGAN
-(width 32, n_critic 2, G density 0.1) on digits, measured by ``python -m benchmarks.br_calibration``
-(``results/calibration/calibration.md``). The balance ratio scales with the number of active G
-weights, so the paper's bounds do not fit a model ~100x smaller; recalibrate for other settings."""
+DEFAULT_BR_BOUNDS = "warmup"
+"""The command line's default DDST bounds: 0.9x-1.1x of the BR of the controller's first full
+window (:class:`sparsegan.balance.DensityController`), which needs no calibration for a model whose
+BR scale is unknown. The hand-calibrated band of the previous versions, (0.029, 0.066), was
+measured with the fresh-latent estimator on one model and does not carry to the step estimator."""
 
 
 class CLIError(Exception):
@@ -99,13 +99,15 @@ def _threads(text: str) -> int | str:
     return _positive_int(text)
 
 
-def _bounds(text: str) -> tuple[float, float]:
+def _bounds(text: str) -> tuple[float, float] | str:
     if text.strip().lower() == "paper":
         return PAPER_BR_BOUNDS
+    if text.strip().lower() == "warmup":
+        return "warmup"
     try:
         lower, upper = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOWER,UPPER (e.g. 0.45,0.55), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected LOWER,UPPER (e.g. 0.45,0.55), 'paper' or 'warmup', got {text!r}") from None
     if not 0.0 <= lower < upper <= 1.0:
         raise argparse.ArgumentTypeError(f"need 0 <= LOWER < UPPER <= 1, got {text}")
     return lower, upper
@@ -125,7 +127,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -> None:
     p.add_argument("--g-density", type=_density, default=0.1, help="generator density (default 0.1)")
     p.add_argument("--d-density", type=_density, default=None,
-                   help="initial discriminator density (default: the G density; 0.3 for ddst-strict)")
+                   help="initial discriminator density (default: the G density, for every strategy)")
     p.add_argument("--steps", type=_positive_int, default=steps,
                    help=f"training iterations = generator steps (default {steps})")
     p.add_argument("--n-critic", type=_positive_int, default=2, help="D steps per G step (default 2; the paper: 5)")
@@ -139,10 +141,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--g-updates", type=_positive_int, default=4,
                    help="intervals between G prune-and-grow updates under the compressed schedule: N-1 updates, "
                         "1 keeps G static (default 4)")
-    p.add_argument("--br-bounds", type=_bounds, default=CALIBRATED_BR_BOUNDS,
-                   help=f"DDST balance-ratio bounds LOWER,UPPER, or 'paper' for 0.45,0.55 (default "
-                        f"{CALIBRATED_BR_BOUNDS[0]},{CALIBRATED_BR_BOUNDS[1]}: calibrated for this SNGAN at width 32, "
-                        "n_critic 2 on digits; see docs/cli.md)")
+    p.add_argument("--br-bounds", type=_bounds, default=DEFAULT_BR_BOUNDS,
+                   help="DDST balance-ratio bounds: LOWER,UPPER, 'paper' for 0.45,0.55, or 'warmup' (default): "
+                        "0.9x-1.1x of the BR of the controller's first full window; see docs/cli.md")
     p.add_argument("--ema", type=float, default=0.99, help="G-EMA decay (default 0.99; 0 to disable)")
     p.add_argument("--eval-samples", type=_positive_int, default=2000,
                    help="generated images for the metrics (default 2000)")
@@ -393,7 +394,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     grid = generate(result.ema_generator, 64, config.latent_dim, seed=config.seed + 20_000)
     save_image_grid(grid, out / "samples.png")
     save_image_grid(data.images[:64], out / "real.png")
-    bounds = args.br_bounds
+    bounds = _resolved_bounds(result, args.br_bounds)
     plot_runs({args.strategy: result}, out / "balance.png", bounds=bounds)
     torch.save({
         "generator": result.generator.state_dict(),
@@ -435,9 +436,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bounds_hint(result: Any, bounds: tuple[float, float]) -> str | None:
+def _resolved_bounds(result: Any, bounds: tuple[float, float] | str) -> tuple[float, float] | None:
+    """The bounds a run used: the given pair, or what its controller's warm-up fixed (None: none yet)."""
+    if bounds != "warmup":
+        return bounds  # type: ignore[return-value]  # a pair once 'warmup' is excluded
+    controller = getattr(result.sg.algorithm("discriminator"), "controller", None)
+    return controller.bounds if controller is not None else None
+
+
+def _bounds_hint(result: Any, bounds: tuple[float, float] | None) -> str | None:
     """A note when DDST's windowed BR stayed on one side of the bounds for most of the run."""
-    if not result.config.strategy.startswith("ddst") or len(result.balance) < 10:
+    if bounds is None or not result.config.strategy.startswith("ddst") or len(result.balance) < 10:
         return None
     windowed = [b[2] for b in result.balance]
     below = sum(v <= bounds[0] for v in windowed) / len(windowed)
@@ -447,10 +456,10 @@ def _bounds_hint(result: Any, bounds: tuple[float, float]) -> str | None:
     side = "below the lower" if below >= above else "above the upper"
     return (f"note: the windowed balance ratio was {side} bound for {max(below, above):.0%} of the run, so DDST "
             f"kept {'pruning' if below >= above else 'growing'} D. The balance ratio scales with the number of "
-            "active generator weights and with the data, so bounds fit one model: the default ones were calibrated "
-            "for this SNGAN at width 32 and n_critic 2 on digits, the paper's (--br-bounds paper) for SNGAN on "
-            "CIFAR-10. For other settings calibrate with `python -m benchmarks.br_calibration` (Static runs over D "
-            "densities; bounds = the BR band of the runs with the best FD) and pass --br-bounds LOWER,UPPER.")
+            "active generator weights and with the data, so fixed bounds fit one model: the paper's (--br-bounds "
+            "paper) were chosen for SNGAN on CIFAR-10. Try --br-bounds warmup, or calibrate with `python -m "
+            "benchmarks.br_calibration` (Static runs over D densities; bounds = the BR band of the runs with the "
+            "best FD) and pass --br-bounds LOWER,UPPER.")
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -631,7 +640,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             finished(_compare_one(args, name, seed, data, extractor, real_features, progress=not args.no_progress))
     table = compare_table(rows)
     bounds = args.br_bounds
-    plot_runs(curves, out / "compare.png", bounds=bounds)
+    plot_runs(curves, out / "compare.png", bounds=None if bounds == "warmup" else bounds)
     header = (f"G density {args.g_density}, {args.steps} iterations (n_critic {args.n_critic}, batch {args.batch_size}, "
               f"width {args.channels}), data {data.name} {data.image_size}px, {args.repeats} seed(s) from {args.seed}, "
               f"schedule {args.schedule}{f' (G update intervals {args.g_updates})' if args.schedule == 'compressed' else ''}, "

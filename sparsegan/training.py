@@ -34,6 +34,7 @@ from torch.nn.utils import spectral_norm
 
 from sparsegan.data import ImageDataset
 from sparsegan.strategies import DDST, DST, SDST, Dense, Static, Strategy, check_density
+from sparsegan.balance import Bounds
 from sparsegan.strategies.ddst import PAPER_BOUNDS, RELAX_INTERVAL
 from sparsegan.wrapper import SparseGANWrapper
 
@@ -258,7 +259,7 @@ def _canonical(name: str) -> str:
 
 def build_strategy(name: str, *, g_density: float, d_density: float | None = None, iterations: int,
                    schedule: str | Schedule = "compressed",
-                   br_bounds: tuple[float, float] | None = None, g_updates: int = 4) -> Strategy:
+                   br_bounds: Bounds | None = None, g_updates: int = 4) -> Strategy:
     """A strategy by name with its schedules set for a run of ``iterations`` G steps.
 
     Args:
@@ -268,7 +269,7 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
         iterations: G steps of the run.
         schedule: ``"compressed"`` (:func:`compressed_schedule`), ``"paper"``
             (:func:`paper_schedule`) or a :class:`Schedule`.
-        br_bounds: DDST's balance-ratio bounds (default: the paper's ``(0.45, 0.55)``).
+        br_bounds: DDST's balance-ratio bounds, a pair or ``"warmup"`` (default: the paper's ``(0.45, 0.55)``).
         g_updates: G prune-and-grow intervals per run under the compressed schedule.
 
     Returns:
@@ -337,7 +338,7 @@ class TrainConfig:
         ema: Decay of the sparse-aware G-EMA (``None``: no EMA).
         schedule: ``"compressed"`` or ``"paper"`` (see :func:`build_strategy`).
         g_updates: G prune-and-grow intervals per run under the compressed schedule.
-        br_bounds: DDST's balance-ratio bounds (``None``: the paper's ``(0.45, 0.55)``).
+        br_bounds: DDST's balance-ratio bounds, a pair or ``"warmup"`` (``None``: the paper's ``(0.45, 0.55)``).
         seed: Seed of the weights, the masks, the data order and the latents.
         device: Torch device string.
         log_every: Iterations between history records.
@@ -362,7 +363,7 @@ class TrainConfig:
     ema: float | None = 0.99
     schedule: str = "compressed"
     g_updates: int = 4
-    br_bounds: tuple[float, float] | None = None
+    br_bounds: Bounds | None = None
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -372,7 +373,7 @@ class TrainConfig:
         """A JSON-friendly copy."""
         out = dataclasses.asdict(self)
         out["betas"] = list(self.betas)
-        out["br_bounds"] = list(self.br_bounds) if self.br_bounds is not None else None
+        out["br_bounds"] = list(self.br_bounds) if isinstance(self.br_bounds, tuple) else self.br_bounds
         return out
 
 

@@ -313,3 +313,168 @@ def test_ddst_resume_continues_bit_identically(mode: str) -> None:
     for a, b in zip(list(G_a.state_dict().values()) + list(D_a.state_dict().values()),
                     list(G_b.state_dict().values()) + list(D_b.state_dict().values())):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- the reference's units
+
+
+def _count_decisions(mode: str, n_critic: int, iterations: int) -> tuple[list[int], list[int], DDST]:
+    """Run the paper's DDST schedule on a 2-weight GAN; return the decision iterations and D steps."""
+    G, D = nn.Linear(1, 1), nn.Linear(1, 1)
+    g_opt = torch.optim.SGD(G.parameters(), lr=1e-3)
+    d_opt = torch.optim.SGD(D.parameters(), lr=1e-3)
+    strategy = DDST(0.5, mode=mode, d_min_density=0.5, d_max_density=1.0, total_steps=iterations)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=strategy, g_example_inputs=torch.zeros(2, 1))
+    controller = sg.algorithm("D").controller
+    d_steps_at_decision: list[int] = []
+    real, z = torch.ones(4, 1), torch.zeros(4, 1)
+    for _ in range(iterations):
+        for _ in range(n_critic):
+            d_opt.zero_grad()
+            (D(G(z).detach()).mean() - D(real).mean()).backward()
+            before = len(controller.decisions)
+            d_opt.step()
+            if len(controller.decisions) > before:
+                d_steps_at_decision.append(sg.steps("D"))
+        g_opt.zero_grad()
+        (-D(G(z)).mean()).backward()
+        g_opt.step()
+    return [s for s, _ in controller.decisions], d_steps_at_decision, strategy
+
+
+@pytest.mark.parametrize("n_critic", [2, 5])
+def test_paper_schedule_decides_on_the_reference_iterations(n_critic: int) -> None:
+    # The reference counts D steps and decides when the count is a multiple of
+    # update_frequency_D x n_critic, checked after each G step: after iterations 1000, 2000, ...
+    # (relax) and 2000, 4000, ... (strict), whatever n_critic is. Here the decision for iteration k
+    # runs at D's first step after that iteration's G step: D step k * n_critic + 1.
+    relax, relax_d_steps, relax_strategy = _count_decisions("relax", n_critic, 2001)
+    assert relax == [1000, 2000]
+    assert relax_d_steps == [1000 * n_critic + 1, 2000 * n_critic + 1]
+    # the window (100 samples every 10 iterations) spans exactly relax's interval, and is full at
+    # the first decision: the reference waits for a full window
+    assert relax_strategy.br_window * relax_strategy.br_every == relax_strategy.d_update_every == 1000
+    assert relax_strategy.br_min_samples == 100
+    strict, strict_d_steps, strict_strategy = _count_decisions("strict", n_critic, 2001)
+    assert strict == [2000] and strict_d_steps == [2000 * n_critic + 1]
+    assert strict_strategy.br_window * strict_strategy.br_every == 1000  # relax's interval: half of strict's
+
+
+def test_no_decision_at_the_end_of_the_run() -> None:
+    decided, _, _ = _count_decisions("relax", 1, 1001)
+    assert decided == [1000]
+    strategy = DDST(0.5, d_min_density=0.5, total_steps=1000)
+    assert not strategy.build()["discriminator"].is_due(1, iteration=1000)
+
+
+def test_ddst_starts_d_at_g_density_in_both_modes() -> None:
+    for mode in ("relax", "strict"):
+        strategy = DDST(0.1, mode=mode)  # type: ignore[arg-type]  # a loop over the two literals
+        assert strategy.d_density == 0.1
+        assert strategy.build()["discriminator"].density == 0.1
+        assert strategy.build()["discriminator"].controller.density == 0.1
+    assert DDST(0.1, 0.3, mode="strict").d_density == 0.3  # unless the user sets it
+
+
+# ---------------------------------------------------------------------------- which latents
+
+
+class _Shift(nn.Module):
+    """G(z) = w z + b, one weight and one bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.lin(z)
+
+
+class _Score(nn.Module):
+    """D(x) = x (+ y when a label is given): a frozen, linear discriminator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lin(x) + (0.0 if y is None else y)
+
+
+def _one_iteration(estimator: str, *, conditional: bool = False) -> SparseGANWrapper:
+    G, D = _Shift(), _Score()
+    g_opt = torch.optim.SGD(G.parameters(), lr=0.5)
+    d_opt = torch.optim.SGD(D.parameters(), lr=0.0)
+    # the probe's own sources: fresh latents 0 and real batches of 4.0
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), br_estimator=estimator,  # type: ignore[arg-type]
+                          latent=lambda n: torch.zeros(n, 1), real=lambda n: torch.full((n, 1), 4.0),
+                          probe_batch_size=4)
+    sg.strategy.br_every = 1
+    y = torch.ones(4, 1) if conditional else None
+    # the user's step: real batch 2.0, latents 1.0
+    real, z = torch.full((4, 1), 2.0), torch.ones(4, 1)
+    d_opt.zero_grad()
+    (D(G(z).detach(), y).mean() - D(real, y).mean()).backward()
+    d_opt.step()
+    g_opt.zero_grad()
+    (-D(G(z), y).mean()).backward()  # dL/dw = -mean(z) = -1, dL/db = -1: SGD(0.5) -> w = b = 0.5
+    g_opt.step()
+    return sg
+
+
+def test_step_and_fresh_estimators_by_hand() -> None:
+    # step: z = 1 from the G step; D(G_t(z)) = 0, D(G_t+1(z)) = 0.5 * 1 + 0.5 = 1, D(x) on the D
+    # step's real batch = 2: BR = (1 - 0) / (2 - 0) = 0.5
+    assert _one_iteration("step").balance_ratio == pytest.approx(0.5)
+    # fresh: z = 0 from latent=, x = 4 from real=: D(G_t+1(0)) = 0.5: BR = 0.5 / 4 = 0.125
+    assert _one_iteration("fresh").balance_ratio == pytest.approx(0.125)
+
+
+def test_step_estimator_replays_a_conditional_discriminator() -> None:
+    # D(x, y) = x + y with y = 1: before 0 + 1, after 1 + 1, real 2 + 1: BR = (2 - 1) / (3 - 1)
+    assert _one_iteration("step", conditional=True).balance_ratio == pytest.approx(0.5)
+
+
+def test_step_estimator_falls_back_to_real_when_the_real_batch_is_ambiguous(caplog) -> None:
+    # fakes passed to D through .clone(): no D call is on G's own output, so the D step's real
+    # batch cannot be told apart and the probe scores a batch of real= (4.0): BR = 1 / 4
+    G, D = _Shift(), _Score()
+    g_opt, d_opt = torch.optim.SGD(G.parameters(), lr=0.5), torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), real=lambda n: torch.full((n, 1), 4.0))
+    sg.strategy.br_every = 1
+    real, z = torch.full((4, 1), 2.0), torch.ones(4, 1)
+    with caplog.at_level(logging.INFO):
+        d_opt.zero_grad()
+        (D(G(z).clone().detach()).mean() - D(real).mean()).backward()
+        d_opt.step()
+    assert "could not tell D's real batch" in caplog.text
+    g_opt.zero_grad()
+    (-D(G(z)).mean()).backward()
+    g_opt.step()
+    assert sg.balance_ratio == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("estimator", ["step", "fresh"])
+def test_probe_leaves_no_trace_with_either_estimator(estimator: str) -> None:
+    def run(probe: bool):
+        torch.manual_seed(0)
+        G, D = ConvGenerator(), ConvDiscriminator()  # BatchNorm in G, legacy spectral norm in D
+        g_opt, d_opt = adam(G), adam(D)
+        sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.3, 0.3), g_example_inputs=torch.randn(2, LATENT),
+                              latent=lambda n: torch.randn(n, LATENT), br_estimator=estimator if probe else None,  # type: ignore[arg-type]
+                              real=lambda n: real_batch(n, torch.Generator(), (1, 8, 8)))
+        sg.strategy.br_every = 2
+        train(G, D, g_opt, d_opt, 8, latent=LATENT, data_shape=(1, 8, 8), n_critic=2, on_iteration=lambda it: torch.rand(1))
+        return G, D, sg
+
+    G_on, D_on, sg_on = run(True)
+    G_off, D_off, sg_off = run(False)
+    assert len(sg_on.balance.history) == 4 and sg_off.balance.value is None
+    for a, b in zip(list(G_on.state_dict().values()) + list(D_on.state_dict().values()),
+                    list(G_off.state_dict().values()) + list(D_off.state_dict().values())):
+        assert torch.equal(a, b)

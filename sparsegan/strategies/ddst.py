@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from sparsegan.balance import BalanceRatio, DensityController, check_bounds
+from sparsegan.balance import BalanceRatio, Bounds, DensityController, check_bounds
 from sparsegan.criteria import drop_lowest, get_score, grow_highest
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFractionSchedule, UpdateSchedule
@@ -58,6 +58,8 @@ class ControlledDensity(SparsityAlgorithm):
             a full window).
         connectivity: The at-cap prune-and-grow of strict mode (``None`` in relax mode); its drop
             fraction is read at the iteration.
+        warmup: With warm-up bounds: iterations whose BR samples are averaged to fix them
+            (decisions hold until then).
         grow: Grow score used when the density rises (``"gradient"`` in the paper).
         prune: Prune score used when the density falls (``"magnitude"``).
     """
@@ -66,8 +68,9 @@ class ControlledDensity(SparsityAlgorithm):
 
     def __init__(self, density: float, distribution: Distribution = "erk", *, controller: DensityController,
                  update: UpdateSchedule, min_samples: int = 1, connectivity: DynamicSparsity | None = None,
-                 grow: str = "gradient", prune: str = "magnitude") -> None:
+                 grow: str = "gradient", prune: str = "magnitude", warmup: int = 0) -> None:
         super().__init__(density, distribution)
+        self.warmup = warmup
         self.controller = controller
         self.schedule = update
         self.every = update.every
@@ -101,6 +104,10 @@ class ControlledDensity(SparsityAlgorithm):
         assert iteration is not None
         self.decided_at = iteration
         value = balance.value if balance is not None and len(balance) >= self.min_samples else None
+        if self.controller.bounds is None and balance is not None and iteration >= self.warmup:
+            samples = [sample for g_step, sample, _ in balance.history if g_step <= iteration]
+            if samples:
+                self.controller.calibrate(sum(samples) / len(samples))
         decision = self.controller.decide(value, step=iteration)
         logger.info("DDST controller at iteration %d (D step %d): BR %s -> %s, D density %.4f", iteration, step,
                     "n/a" if value is None else f"{value:.4f}", decision.action, decision.density)
@@ -209,8 +216,13 @@ class DDST(SDST):
         mode: ``"relax"`` (D may become dense) or ``"strict"`` (D capped at ``d_max_density``; at
             the cap, a connectivity update instead of growth).
         br_bounds: ``(lower, upper)``: BR >= upper raises D's density, BR <= lower lowers it. The
-            paper's (0.45, 0.55) were chosen for its SNGAN; see :mod:`sparsegan.bounds` for
-            bounds that fit another model.
+            paper's (0.45, 0.55) were chosen for its SNGAN and its estimator; ``"warmup"`` (our
+            extension) fixes them at 0.9x-1.1x of the mean BR of the first ``br_warmup``
+            iterations, for a model whose BR scale is unknown (see
+            :class:`~sparsegan.balance.DensityController`).
+        br_warmup: Warm-up length in iterations for ``br_bounds="warmup"`` (default: 10 relax
+            intervals, i.e. 10 % of a run in the reference's proportions; it passes the first
+            iterations' transient, where BR is far from its later level).
         density_step: Density change per controller decision (0.05).
         d_update_every: Iterations (G steps) between controller decisions (1000 relax, 2000 strict).
         d_max_density: Density cap (1.0 relax, 0.5 strict by default).
@@ -232,10 +244,11 @@ class DDST(SDST):
     """
 
     def __init__(self, g_density: float, d_density: float | None = None, *,
-                 mode: Literal["relax", "strict"] = "relax", br_bounds: tuple[float, float] = PAPER_BOUNDS,
+                 mode: Literal["relax", "strict"] = "relax", br_bounds: Bounds = PAPER_BOUNDS,
                  density_step: float = 0.05, d_update_every: int | None = None, d_max_density: float | None = None,
                  d_min_density: float = 0.05, br_every: int = 10, br_window: int | None = None,
-                 br_min_samples: int | None = None, d_drop_fraction: float = 0.5, update_every: int = 500,
+                 br_min_samples: int | None = None, br_warmup: int | None = None, d_drop_fraction: float = 0.5,
+                 update_every: int = 500,
                  drop_fraction: float | DropFractionSchedule = 0.5, total_steps: int | None = None,
                  distribution: Distribution = "erk", prune: str = "magnitude", grow: str = "gradient",
                  scope: Scope = "global") -> None:
@@ -263,6 +276,10 @@ class DDST(SDST):
         self.br_min_samples = br_window if br_min_samples is None else br_min_samples
         if not 1 <= self.br_min_samples <= br_window:
             raise ValueError(f"br_min_samples must be in [1, br_window={br_window}], got {br_min_samples!r}")
+        relax_interval = self.d_update_every if mode == "relax" else self.d_update_every // 2
+        self.br_warmup = 10 * max(1, relax_interval) if br_warmup is None else br_warmup
+        if isinstance(self.br_warmup, bool) or not isinstance(self.br_warmup, int) or self.br_warmup < 0:
+            raise ValueError(f"br_warmup must be an int >= 0 (iterations), got {br_warmup!r}")
         self.d_drop_fraction = d_drop_fraction
         # fail now, not at the first controller update
         self._controller()
@@ -285,5 +302,6 @@ class DDST(SDST):
         built["discriminator"] = ControlledDensity(
             self.d_density, self.distribution, controller=self._controller(), update=decisions,
             min_samples=self.br_min_samples, connectivity=connectivity,
+            warmup=self.br_warmup if self.br_bounds == "warmup" else 0,
         )
         return built
