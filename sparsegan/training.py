@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from sparsegan.balance import Bounds
 from sparsegan.data import ImageDataset
 from sparsegan.strategies import DDST, DST, SDST, Dense, Static, Strategy, check_density
-from sparsegan.balance import Bounds
 from sparsegan.strategies.ddst import PAPER_BOUNDS, RELAX_INTERVAL
 from sparsegan.wrapper import SparseGANWrapper
 

@@ -478,3 +478,47 @@ def test_probe_leaves_no_trace_with_either_estimator(estimator: str) -> None:
     for a, b in zip(list(G_on.state_dict().values()) + list(D_on.state_dict().values()),
                     list(G_off.state_dict().values()) + list(D_off.state_dict().values())):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- warm-up bounds
+
+
+def test_warmup_bounds_by_hand() -> None:
+    controller = DensityController(0.5, bounds="warmup")
+    assert controller.bounds is None and controller.decide(0.9).action == "hold"  # no bounds yet: hold
+    assert not controller.calibrate(-0.1) and not controller.calibrate(0.95)  # 0.95 x 1.1 > 1
+    assert controller.bounds is None
+    assert controller.calibrate(0.2) and controller.bounds == pytest.approx((0.18, 0.22))
+    assert controller.decide(0.25).action == "grow" and controller.decide(0.1).action == "prune"
+    assert controller.decide(0.2).action == "hold"
+    restored = DensityController(0.5, bounds="warmup")
+    restored.load_state_dict(controller.state_dict())
+    assert restored.bounds == controller.bounds and restored.density == controller.density
+    with pytest.raises(ValueError, match="differ"):
+        DensityController(0.5, bounds=(0.1, 0.2)).load_state_dict(controller.state_dict())
+    with pytest.raises(ValueError, match="warmup"):
+        check_bounds("later")  # type: ignore[arg-type]  # a bad value on purpose
+
+
+def test_ddst_warmup_bounds_from_the_first_iterations() -> None:
+    G, D = mlp_gan()
+    g_opt, d_opt = adam(G), adam(D)
+    strategy = DDST(0.2, br_bounds="warmup", br_warmup=4, d_update_every=2, br_every=1, br_window=2)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=strategy, br_estimator=None)
+    rng = torch.Generator().manual_seed(0)
+    # warm-up samples 0.1, 0.3, 0.2, 0.2 (mean 0.2 -> bounds 0.18, 0.22), then a too-weak D (0.5)
+    for sample in (0.1, 0.3, 0.2, 0.2, 0.5, 0.5, 0.5):
+        real, z = real_batch(8, rng), torch.randn(8, 8, generator=rng)
+        d_opt.zero_grad()
+        (F.relu(1 - D(real)).mean() + F.relu(1 + D(G(z).detach())).mean()).backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (-D(G(z)).mean()).backward()
+        g_opt.step()
+        sg.observe(d_real=1.0, d_fake_before=0.0, d_fake_after=sample)
+    controller = sg.algorithm("D").controller
+    assert controller.bounds == pytest.approx((0.18, 0.22))
+    # iteration 2: warm-up not over (hold); 4: bounds fixed, window (0.2 + 0.2) / 2 inside (hold);
+    # 6: window 0.5 >= 0.22 (grow)
+    assert [(s, d.action) for s, d in controller.decisions] == [(2, "hold"), (4, "hold"), (6, "grow")]
+    assert sg.density("D") == pytest.approx(0.25, abs=2e-3)
