@@ -177,7 +177,10 @@ class BalanceProbe:
       ``G(z).detach()`` and views of them do), provided at least one call of the step was on such
       an output (a later call on a mix, as in a gradient penalty, is not taken for the real one). When that cannot be told (no D call of the step
       was on G's output, e.g. fakes passed through ``.clone()`` or an augmentation), a batch
-      from ``real=`` is used, or the sample is skipped with a logged warning.
+      from ``real=`` is used, or the sample is skipped with a logged warning. Training code that
+      calls ``G.forward()`` directly (torch-mimicry's trainer does) bypasses forward hooks; then
+      the sample is measured as ``"fresh"`` when ``latent`` and ``real`` are given (logged and
+      counted in :attr:`fresh_fallbacks`), else skipped.
     * ``"fresh"``: ``z`` drawn from ``latent`` and a real batch from ``real`` by the probe's own
       random generator, independent of the training step. It measures how far one G step moves
       D's score of *unrelated* fakes, which is smaller and noisier (1.2-2.4x smaller on our
@@ -233,6 +236,8 @@ class BalanceProbe:
         self._d_on_fake: _Call | None = None          # D's last call on the output of G's last call
         self._real_call: _Call | None = None          # the real-batch call of the last D step
         self.unidentified = 0                         # D steps whose real batch could not be told apart
+        self.fresh_fallbacks = 0                      # G steps measured on fresh latents (no G call seen)
+        self.unmatched = 0                            # samples skipped: no D call on G's output to replay
 
     # ------------------------------------------------------------------ hooks (step estimator)
 
@@ -279,6 +284,10 @@ class BalanceProbe:
             self._d_on_fake = call
         if len(self._d_calls) > _MAX_CALLS:  # D evaluated many times without an optimizer step
             del self._d_calls[0]
+
+    def generator_stepped(self) -> None:
+        """Called after G's optimizer step: G's next step must be seen anew by the hooks."""
+        self._g_call = None
 
     def discriminator_stepped(self) -> None:
         """Called after D's optimizer step: tell its real-batch call apart, then forget the step's calls."""
@@ -357,13 +366,28 @@ class BalanceProbe:
         if self.estimator == "fresh":
             return self._before_fresh()
         call = self._g_call
-        if call is None:
-            logger.warning("balance-ratio probe: G was not called before its optimizer step; sample skipped")
-            return False
+        if call is None:  # the hooks saw no G call since G's last step: the loop calls G.forward() itself
+            self.fresh_fallbacks += 1
+            can = self.latent is not None and self.real is not None
+            if _should_log(self.fresh_fallbacks):
+                logger.warning("balance-ratio probe: G's forward hooks saw no call before this G step (does the "
+                               "training code call G.forward() directly, as torch-mimicry's does?); %s (%d so far)",
+                               "measuring on fresh latents from latent= instead" if can else
+                               "sample skipped; pass latent= and real= for a fresh-latent fallback",
+                               self.fresh_fallbacks)
+            return self._before_fresh() if can else False
         fake = self._d_on_fake
         if fake is not None and fake.output is not None:
             before = _mean(fake.output)
             rest, rest_kwargs = fake.args[1:], fake.kwargs
+        elif any(len(c.args) > 1 or c.kwargs for c in self._d_calls):
+            # D takes more than the image (a label): without D's own call on G's output, what to pass is unknown
+            self.unmatched += 1
+            if _should_log(self.unmatched):
+                logger.warning("balance-ratio probe: D was not called on G's output in this G step and takes more "
+                               "than the image; sample skipped (%d so far). Pass G's output to D as it is, or feed "
+                               "sg.observe(...)", self.unmatched)
+            return False
         else:  # the loop scored something else than G's output (an augmentation, a clone): score it here
             with preserved_state(self.generator, self.discriminator), torch.no_grad():
                 before = _mean(self._d(self._g(call.args, call.kwargs)))

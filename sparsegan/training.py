@@ -408,7 +408,7 @@ class TrainResult:
         return self.sg.ema.module if self.sg.ema is not None else self.generator
 
     def summary(self) -> dict[str, Any]:
-        """Final densities, BR, FLOPs ratios, mask updates and wall time (JSON-friendly)."""
+        """Final densities, BR, BR bounds used (DDST), FLOPs ratios, mask updates and wall time (JSON-friendly)."""
         flops = self.sg.flops()
         algorithm = self.sg.algorithm("discriminator")
         controller = getattr(algorithm, "controller", None)
@@ -422,6 +422,7 @@ class TrainResult:
             "mask_updates": {n: self.sg.mask_updates(n) for n in ("generator", "discriminator")},
             "d_decisions": ([(s, d.action, d.density, d.balance_ratio) for s, d in controller.decisions]
                             if controller is not None else []),
+            "br_bounds": list(controller.bounds) if controller is not None and controller.bounds else None,
             "wall_time_s": self.wall_time,
         }
 

@@ -308,11 +308,13 @@ class SparseGANWrapper:
         if net.algorithm is not None:
             net.weights.apply_()
         if self._probe is not None:
-            if net.name == "generator" and self._probe.pending:
-                measured = self._probe.after_step()
-                if measured is not None:
-                    self.balance.add(*all_reduce_mean(measured), step=net.steps)
-            elif net.name == "discriminator":
+            if net.name == "generator":
+                if self._probe.pending:
+                    measured = self._probe.after_step()
+                    if measured is not None:
+                        self.balance.add(*all_reduce_mean(measured), step=net.steps)
+                self._probe.generator_stepped()
+            else:
                 self._probe.discriminator_stepped()
         changed = False
         if net.algorithm is not None:
@@ -472,6 +474,8 @@ class SparseGANWrapper:
         if self._probe is not None:
             latents = "the G step's own latents" if self._probe.estimator == "step" else "fresh latents"
             source = f"probe on {latents} every {self.strategy.br_every} G steps"
+            if self._probe.fresh_fallbacks:
+                source += f"; {self._probe.fresh_fallbacks} samples on fresh latents (G's forward not seen by hooks)"
         else:
             source = "one sample per observe() call"
         blocks.append(f"\nbalance ratio ({source}, window {self.balance.window}): {self.balance!r}")

@@ -522,3 +522,37 @@ def test_ddst_warmup_bounds_from_the_first_iterations() -> None:
     # 6: window 0.5 >= 0.22 (grow)
     assert [(s, d.action) for s, d in controller.decisions] == [(2, "hold"), (4, "hold"), (6, "grow")]
     assert sg.density("D") == pytest.approx(0.25, abs=2e-3)
+
+
+def test_step_estimator_falls_back_to_fresh_when_the_loop_bypasses_hooks(caplog) -> None:
+    # torch-mimicry's trainer calls G.forward() and D.forward() itself, which runs no forward hook:
+    # with latent= and real= the probe then measures on fresh latents (z = 0, x = 4: BR = 0.5 / 4)
+    G, D = _Shift(), _Score()
+    g_opt, d_opt = torch.optim.SGD(G.parameters(), lr=0.5), torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), latent=lambda n: torch.zeros(n, 1),
+                          real=lambda n: torch.full((n, 1), 4.0), probe_batch_size=4)
+    sg.strategy.br_every = 1
+    z = torch.ones(4, 1)
+    with caplog.at_level(logging.WARNING):
+        g_opt.zero_grad()
+        (-D.forward(G.forward(z)).mean()).backward()
+        g_opt.step()
+    assert "G.forward() directly" in caplog.text
+    assert sg.balance_ratio == pytest.approx(0.125)
+    assert "1 samples on fresh latents" in sg.report()
+
+
+def test_step_estimator_skips_a_conditional_sample_it_cannot_replay(caplog) -> None:
+    # the G step scores an augmented copy of G's output with a label: the probe cannot know what to
+    # pass D, so the sample is skipped (logged), never a TypeError from inside g_opt.step()
+    G, D = _Shift(), _Score()
+    g_opt, d_opt = torch.optim.SGD(G.parameters(), lr=0.5), torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), real=lambda n: torch.full((n, 1), 4.0))
+    sg.strategy.br_every = 1
+    z, y = torch.ones(4, 1), torch.ones(4, 1)
+    with caplog.at_level(logging.WARNING):
+        g_opt.zero_grad()
+        (-D(G(z) * 1.0, y).mean()).backward()
+        g_opt.step()
+    assert "takes more than the image" in caplog.text
+    assert sg.balance_ratio is None and sg.balance.skipped == 1
