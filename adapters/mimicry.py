@@ -34,7 +34,8 @@ mimicry                                       what the wrapper does there
 ``netG.train_step(...)`` -> ``optG.step()``   G's step pre-hook (BR probe "before"), post-hook:
                                               enforce masks, BR "after", due G update (DST)
 ``n_dis`` D steps per G step                  steps are counted per network, so intervals
-                                              are in that network's own steps
+                                              are in that network's own steps, except DDST's
+                                              D decisions: in iterations (G steps)
 ``amp=True`` (``scaler.step(opt)``)           ``GradScaler.step`` calls ``opt.step()`` when
                                               the gradients are finite, so the hooks run; a
                                               skipped step is not counted
@@ -48,10 +49,20 @@ mimicry                                       what the wrapper does there
 ``LRScheduler`` (``lr_decay``)                unaffected (it only changes ``lr``)
 ============================================  =============================================
 
+**The balance ratio under mimicry's trainer.** ``train_step`` calls ``self.forward(...)`` (and
+``generate_images``, which calls ``forward``) instead of the modules, so the forward hooks with
+which the default probe (``br_estimator="step"``) records the loop's own G step see no call.
+With ``latent=`` and ``real=`` given, that probe falls back to fresh latents (logged, and counted
+in ``sg.report()``); without them it skips every sample. For ``DDST`` under mimicry's trainer,
+pass ``latent=latent(G)``, ``real=`` (the data loader) and ``br_estimator="fresh"`` explicitly, as
+``examples/sngan_mimicry.py`` does.
+
 Conditional models (cGAN-PD, SAGAN) take ``D(x, y)``. The wrapper's discovery gets that from
-``d_example_inputs=`` (:func:`d_example` builds one), but its balance-ratio probe only passes
-images to D. With a conditional D and a strategy that needs the balance ratio (``DDST``), feed it
-from your own loop with ``sg.observe(...)`` instead of ``real=``.
+``d_example_inputs=`` (:func:`d_example` builds one). The fresh probe passes only images to D,
+and under mimicry's trainer the default probe has no call to replay, so with a conditional D and
+a strategy that needs the balance ratio (``DDST``), write the loop yourself, calling ``G(z, y)``
+and ``D(x, y)`` as modules (the default probe then replays them, labels included), or feed the
+balance ratio with ``sg.observe(...)``; do not pass ``real=``.
 """
 
 from __future__ import annotations

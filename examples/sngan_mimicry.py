@@ -5,8 +5,15 @@ The loop is mimicry's ``Trainer.train()`` written out: ``n_dis`` calls of the di
 ``# sparsegan: 1/2`` and ``# sparsegan: 2/2`` are the only difference from the plain loop:
 delete them and this is a dense SNGAN run. With them, G is trained with dynamic sparse training
 at ``--g-density`` and D's density is steered by the balance ratio (DDST), starting at
-``--d-density``; the spectrally normalised convolutions keep their spectral norm (their
-``weight_orig`` is what gets masked).
+``--d-density``, with a controller decision every 50 iterations (G steps, whatever ``--n-dis``
+is); the spectrally normalised convolutions keep their spectral norm (their ``weight_orig`` is
+what gets masked).
+
+The balance ratio is measured with ``br_estimator="fresh"`` (latents from ``latent=``, real
+batches from ``real=``): mimicry's ``train_step`` methods call ``self.forward(...)`` and
+``generate_images`` instead of the modules, which bypasses the forward hooks with which the
+default ``"step"`` estimator records the loop's own G step. (Left at the default, the wrapper
+would fall back to fresh latents on every sample anyway, with a logged warning.)
 
 Data: scikit-learn's 1797 hand-written digits (shipped with scikit-learn, nothing is
 downloaded), upscaled to 32x32 and repeated to 3 channels, in [-1, 1] like mimicry's CIFAR-10.
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     netD = mmc.nets.sngan.SNGANDiscriminator32(ndf=args.ndf).to(device)
     optD = torch.optim.Adam(netD.parameters(), 2e-4, betas=(0.0, 0.9))
     optG = torch.optim.Adam(netG.parameters(), 2e-4, betas=(0.0, 0.9))
-    sg = sparsegan.SparseGANWrapper(netG, netD, optG, optD, strategy=sparsegan.strategies.DDST(args.g_density, args.d_density, update_every=50, total_steps=args.steps, d_update_every=50 * args.n_dis, br_window=10), latent=latent(netG), real=dataloader)  # noqa: F841  # sparsegan: 2/2
+    sg = sparsegan.SparseGANWrapper(netG, netD, optG, optD, strategy=sparsegan.strategies.DDST(args.g_density, args.d_density, update_every=50, total_steps=args.steps, d_update_every=50, br_window=10), latent=latent(netG), real=dataloader, br_estimator="fresh")  # noqa: F841  # "fresh": mimicry calls G.forward() itself, unseen by the default probe's hooks  # sparsegan: 2/2
 
     # mimicry's Trainer.train(), written out
     iter_dataloader = iter(dataloader)

@@ -237,6 +237,7 @@ class BalanceProbe:
         self._real_call: _Call | None = None          # the real-batch call of the last D step
         self.unidentified = 0                         # D steps whose real batch could not be told apart
         self.fresh_fallbacks = 0                      # G steps measured on fresh latents (no G call seen)
+        self._replaying = False                       # the probe's own forwards are not the user's calls
         self.unmatched = 0                            # samples skipped: no D call on G's output to replay
 
     # ------------------------------------------------------------------ hooks (step estimator)
@@ -253,10 +254,14 @@ class BalanceProbe:
         ]
 
     def _g_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._replaying:
+            return
         self._g_call = _Call(args, kwargs)
         self._d_on_fake = None
 
     def _g_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._replaying:
+            return
         image = _first_tensor(output)
         if self._g_call is not None and image is not None:
             self._g_call.output = image.detach()
@@ -270,10 +275,11 @@ class BalanceProbe:
                 del self._g_outputs[next(iter(self._g_outputs))]
 
     def _d_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._d_calls.append(_Call(args, kwargs))
+        if not self._replaying:
+            self._d_calls.append(_Call(args, kwargs))
 
     def _d_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        call = self._d_calls[-1] if self._d_calls else None
+        call = self._d_calls[-1] if self._d_calls and not self._replaying else None
         if call is None:
             return
         score = _first_tensor(output)
@@ -286,8 +292,9 @@ class BalanceProbe:
             del self._d_calls[0]
 
     def generator_stepped(self) -> None:
-        """Called after G's optimizer step: G's next step must be seen anew by the hooks."""
+        """Called after G's optimizer step: G's next step, and D's next step, must be seen anew."""
         self._g_call = None
+        self._d_calls.clear()  # the G step's own D call must not vouch for the next D step's fakes
 
     def discriminator_stepped(self) -> None:
         """Called after D's optimizer step: tell its real-batch call apart, then forget the step's calls."""
@@ -352,6 +359,16 @@ class BalanceProbe:
     def _g(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _first_tensor(self.generator(*args, **kwargs))
 
+    @contextlib.contextmanager
+    def _replay(self) -> Iterator[None]:
+        """The probe's own forwards: no gradient, no lasting effect, and not recorded as the user's calls."""
+        self._replaying = True
+        try:
+            with preserved_state(self.generator, self.discriminator), torch.no_grad():
+                yield
+        finally:
+            self._replaying = False
+
     @property
     def pending(self) -> bool:
         """Whether :meth:`before_step` ran and :meth:`after_step` has not yet."""
@@ -389,12 +406,19 @@ class BalanceProbe:
                                "sg.observe(...)", self.unmatched)
             return False
         else:  # the loop scored something else than G's output (an augmentation, a clone): score it here
-            with preserved_state(self.generator, self.discriminator), torch.no_grad():
+            with self._replay():
                 before = _mean(self._d(self._g(call.args, call.kwargs)))
             rest, rest_kwargs = (), {}
         real_call = self._real_call
         if real_call is not None:
             real = lambda: self._d(*real_call.args, **real_call.kwargs)  # noqa: E731  # called after G's step
+        elif self.real is not None and (rest or rest_kwargs):
+            self.unmatched += 1
+            if _should_log(self.unmatched):
+                logger.warning("balance-ratio probe: the D step's real batch could not be identified, and a batch "
+                               "from real= cannot be scored by a D that takes more than the image; sample skipped "
+                               "(%d so far)", self.unmatched)
+            return False
         elif self.real is not None:
             batch = self._real_batch()
             real = lambda: self._d(batch)  # noqa: E731  # called after G's step
@@ -411,7 +435,7 @@ class BalanceProbe:
         assert self.latent is not None
         with self._seeded():
             z = as_args(self.latent(n))
-        with preserved_state(self.generator, self.discriminator), torch.no_grad():
+        with self._replay():
             before = _mean(self._d(self._g(z, {})))
         self._pending = (lambda: self._d(real_batch), z, {}, before, _Call((), {}))
         return True
@@ -422,7 +446,7 @@ class BalanceProbe:
             return None
         real, args, kwargs, before, rest = self._pending
         self._pending = None
-        with preserved_state(self.generator, self.discriminator), torch.no_grad():
+        with self._replay():
             after = _mean(self._d(self._g(args, kwargs), *rest.args, **rest.kwargs))
             real_score = _mean(real())
         return real_score, before, after

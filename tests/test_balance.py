@@ -556,3 +556,40 @@ def test_step_estimator_skips_a_conditional_sample_it_cannot_replay(caplog) -> N
         g_opt.step()
     assert "takes more than the image" in caplog.text
     assert sg.balance_ratio is None and sg.balance.skipped == 1
+
+
+def _two_iterations(*, clone: bool, conditional: bool = False) -> SparseGANWrapper:
+    """Two iterations of the frozen linear GAN with real batches 2.0 then 3.0 and latents 1.0."""
+    G, D = _Shift(), _Score()
+    g_opt, d_opt = torch.optim.SGD(G.parameters(), lr=0.5), torch.optim.SGD(D.parameters(), lr=0.0)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Dense(), real=lambda n: torch.full((n, 1), 4.0))
+    sg.strategy.br_every = 1
+    z = torch.ones(4, 1)
+    labels = (torch.ones(4, 1),) if conditional else ()
+    for value in (2.0, 3.0):
+        real = torch.full((4, 1), value)
+        d_opt.zero_grad()
+        fake = G(z).clone().detach() if clone else G(z).detach()  # lucidrains scores cloned fakes first
+        (D(fake, *labels).mean() - D(real, *labels).mean()).backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (-D(G(z), *labels).mean()).backward()  # w and b move by 0.5 per step
+        g_opt.step()
+    return sg
+
+
+def test_step_estimator_follows_the_loops_real_batches() -> None:
+    # iteration 2: before G_t(1) = 1, after G_t+1(1) = 2, real 3: BR = 1 / 2 (a stale real batch of
+    # 2.0, or the probe's own replay taken for the user's call, would give 1 / 1)
+    sg = _two_iterations(clone=False)
+    assert [round(h[1], 6) for h in sg.balance.history] == [0.5, 0.5]
+
+
+def test_cloned_fakes_are_never_taken_for_the_real_batch() -> None:
+    # no D call of either D step is on G's own output: the real batches come from real= (4.0):
+    # iteration 1: (1 - 0) / (4 - 0); iteration 2: (2 - 1) / (4 - 1)
+    sg = _two_iterations(clone=True)
+    assert [h[1] for h in sg.balance.history] == pytest.approx([0.25, 1 / 3])
+    # a conditional D cannot score real='s unlabelled batches: skipped, not a TypeError
+    sg = _two_iterations(clone=True, conditional=True)
+    assert sg.balance.history == [] and sg.balance.skipped == 2

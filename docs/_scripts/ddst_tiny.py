@@ -1,6 +1,11 @@
 """Generate docs/img/ddst_tiny.png: BR and D's density in a tiny real DDST run (CPU, seconds).
 
 Run from the repository root: ``python docs/_scripts/ddst_tiny.py``.
+
+The committed image was drawn by an earlier version of sparsegan (fresh-latent BR estimator, D
+decisions counted in D steps). Run now, the script measures BR with the default estimator, on
+the loop's own G steps (``br_estimator="step"``), and D decides every 10 iterations (G steps;
+with one D step per G step the same count), so the redrawn curves will differ.
 """
 
 import matplotlib
@@ -22,17 +27,15 @@ g_opt = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
 d_opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
 rng = torch.Generator().manual_seed(0)
 
-
-def real(n: int) -> torch.Tensor:  # made-up "real" data: a Gaussian blob off the origin
-    return torch.randn(n, 2) * 0.2 + 1.0
-
-
+# d_update_every in iterations (G steps); BR is measured by the default probe on the loop's own
+# G steps (its latents, D's scores, the real batch of the D step), so no real= is needed
 sg = sparsegan.SparseGANWrapper(
     G, D, g_opt, d_opt, strategy=DDST(0.3, 0.3, d_update_every=10, br_every=2, br_window=5,
                                       total_steps=ITERATIONS),
-    latent=lambda n: torch.randn(n, 8), real=real, probe_batch_size=64)
+    latent=lambda n: torch.randn(n, 8))
 
 for it in range(ITERATIONS):
+    # made-up "real" data: a Gaussian blob off the origin
     x, z = torch.randn(16, 2, generator=rng) * 0.2 + 1.0, torch.randn(16, 8, generator=rng)
     d_loss = F.relu(1 - D(x)).mean() + F.relu(1 + D(G(z).detach())).mean()
     d_opt.zero_grad()
@@ -44,7 +47,7 @@ for it in range(ITERATIONS):
     g_opt.step()
 
 steps, samples, windowed = zip(*sg.balance.history)            # G steps, per-sample BR, window mean
-decisions = sg.algorithm("D").controller.decisions              # (D step, Decision)
+decisions = sg.algorithm("D").controller.decisions              # (iteration, Decision)
 print(f"{len(samples)} BR samples, {sg.balance.skipped} skipped; final BR {sg.balance_ratio:.3f}, "
       f"D density {sg.density('D'):.3f}")
 print("actions:", [d.action for _, d in decisions])
