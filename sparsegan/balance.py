@@ -399,12 +399,8 @@ class BalanceProbe:
             rest, rest_kwargs = fake.args[1:], fake.kwargs
         elif any(len(c.args) > 1 or c.kwargs for c in self._d_calls):
             # D takes more than the image (a label): without D's own call on G's output, what to pass is unknown
-            self.unmatched += 1
-            if _should_log(self.unmatched):
-                logger.warning("balance-ratio probe: D was not called on G's output in this G step and takes more "
-                               "than the image; sample skipped (%d so far). Pass G's output to D as it is, or feed "
-                               "sg.observe(...)", self.unmatched)
-            return False
+            return self._unmatched("D was not called on G's output in this G step and takes more than the image. "
+                                   "Pass G's output to D as it is, or feed sg.observe(...)")
         else:  # the loop scored something else than G's output (an augmentation, a clone): score it here
             with self._replay():
                 before = _mean(self._d(self._g(call.args, call.kwargs)))
@@ -413,12 +409,8 @@ class BalanceProbe:
         if real_call is not None:
             real = lambda: self._d(*real_call.args, **real_call.kwargs)  # noqa: E731  # called after G's step
         elif self.real is not None and (rest or rest_kwargs):
-            self.unmatched += 1
-            if _should_log(self.unmatched):
-                logger.warning("balance-ratio probe: the D step's real batch could not be identified, and a batch "
-                               "from real= cannot be scored by a D that takes more than the image; sample skipped "
-                               "(%d so far)", self.unmatched)
-            return False
+            return self._unmatched("the D step's real batch could not be identified, and a batch from real= "
+                                   "cannot be scored by a D that takes more than the image")
         elif self.real is not None:
             batch = self._real_batch()
             real = lambda: self._d(batch)  # noqa: E731  # called after G's step
@@ -428,6 +420,13 @@ class BalanceProbe:
             return False
         self._pending = (real, call.args, call.kwargs, before, _Call(rest, rest_kwargs))
         return True
+
+    def _unmatched(self, reason: str) -> bool:
+        """Count and log (rate-limited) a sample the step estimator cannot replay; returns False (skipped)."""
+        self.unmatched += 1
+        if _should_log(self.unmatched):
+            logger.warning("balance-ratio probe: %s; sample skipped (%d so far)", reason, self.unmatched)
+        return False
 
     def _before_fresh(self) -> bool:
         real_batch = self._real_batch()
