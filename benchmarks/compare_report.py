@@ -5,7 +5,7 @@ over several folders (one per strategy group, run side by side). This script mer
 strategy and seed and prints, in Markdown:
 
 * every seed's FD (of G and of its EMA) per strategy, with median and the seed-paired count of
-  "below Static's";
+  "below Static's" (a seed on which both collapsed is left out of that count, and shown);
 * the share of the median Static->Dense gap each strategy closes,
   ``(median Static - median X) / (median Static - median Dense)``;
 * collapsed runs: FD above ``--collapse`` times Dense's median (default 10x);
@@ -68,7 +68,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 def report(runs: dict[str, dict[int, dict[str, Any]]], *, collapse: float = 10.0, reference: str = "static",
-           dense: str = "dense") -> str:
+           dense: str = "dense", dense_median: float | None = None) -> str:
     """The Markdown report (see the module docs)."""
     seeds = sorted(set.intersection(*(set(r) for r in runs.values()))) if runs else []
     lines = [f"Seeds: {', '.join(map(str, seeds))} (those every strategy ran)", ""]
@@ -80,14 +80,17 @@ def report(runs: dict[str, dict[int, dict[str, Any]]], *, collapse: float = 10.0
                   "|" + "---|" * len(header)]
         for name in runs:
             medians[(name, network)] = _median([_fd(runs[name][s], network) for s in seeds])
-        threshold = collapse * medians.get((dense, network), math.nan)
+        threshold = collapse * medians.get((dense, network), dense_median if dense_median is not None else math.nan)
         for name, by_seed in runs.items():
             values = [_fd(by_seed[s], network) for s in seeds]
             cells = [name] + [f"**{v:.2f}**" if v > threshold else f"{v:.2f}" for v in values]
             cells.append(f"{medians[(name, network)]:.2f}")
             if reference in runs and name != reference:
                 ref = [_fd(runs[reference][s], network) for s in seeds]
-                cells.append(f"{sum(a < b for a, b in zip(values, ref))}/{len(seeds)}")
+                # a seed on which both collapsed says nothing about which is better
+                both = [a > threshold and b > threshold for a, b in zip(values, ref)]
+                wins = sum(a < b for (a, b), dead in zip(zip(values, ref), both) if not dead)
+                cells.append(f"{wins}/{len(seeds) - sum(both)}" + (f" (+{sum(both)} both collapsed)" if any(both) else ""))
             else:
                 cells.append("-")
             gap = medians.get((reference, network), math.nan) - medians.get((dense, network), math.nan)
@@ -113,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="compare.json files")
     parser.add_argument("--collapse", type=float, default=10.0, help="collapse threshold in Dense medians (10)")
+    parser.add_argument("--dense-median", type=float, default=None,
+                        help="Dense's median FD when the files hold no Dense run (sets the collapse threshold)")
     args = parser.parse_args(argv)
-    print(report(load_runs(args.files), collapse=args.collapse))
+    print(report(load_runs(args.files), collapse=args.collapse, dense_median=args.dense_median))
     return 0
 
 
