@@ -450,13 +450,6 @@ class BalanceProbe:
             real_score = _mean(real())
         return real_score, before, after
 
-    def forget(self) -> None:
-        """Drop every recorded call (after the probe is switched off)."""
-        self._g_call = self._d_on_fake = self._real_call = None
-        self._pending = None
-        self._d_calls.clear()
-        self._forget_d_step()
-
     def state_dict(self) -> dict[str, Any]:
         """The probe's RNG state (a real-batch iterator cannot be saved; it restarts)."""
         return {"rng": self.rng.get_state(), "estimator": self.estimator}

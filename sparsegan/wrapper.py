@@ -570,9 +570,7 @@ class SparseGANWrapper:
         for handle in self._probe_handles:
             handle.remove()
         self._probe_handles.clear()
-        if self._probe is not None:
-            self._probe.forget()
-        self._probe = None
+        self._probe = None  # with its hooks gone, nothing refers to the calls it recorded
 
     def remove(self) -> None:
         """Remove every hook. Weights stay as they are (inactive ones remain 0)."""
