@@ -133,6 +133,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--n-critic", type=_positive_int, default=2, help="D steps per G step (default 2; the paper: 5)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default 32)")
     p.add_argument("--channels", type=_positive_int, default=32, help="width of G and D (default 32)")
+    p.add_argument("--d-pooling", choices=("mean", "sum"), default="mean",
+                   help="D's global pooling: mean (default; keeps an untrained D's logits inside the hinge margin) "
+                        "or SNGAN's sum")
     p.add_argument("--data", default="digits",
                    help="'digits' (default), 'faces', a folder of images, or an .npz file")
     p.add_argument("--image-size", type=int, choices=(16, 32, 64), default=16, help="image side (default 16)")
@@ -274,6 +277,7 @@ def _config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
     return TrainConfig(
         strategy=strategy, g_density=args.g_density, d_density=args.d_density, iterations=args.steps,
         n_critic=args.n_critic, batch_size=args.batch_size, g_channels=args.channels, d_channels=args.channels,
+        d_pooling=args.d_pooling,
         ema=args.ema if args.ema and args.ema > 0 else None, schedule=args.schedule, g_updates=args.g_updates, seed=seed,
         device=_device(args.device), br_bounds=args.br_bounds,
     )

@@ -39,6 +39,7 @@ from sparsegan.strategies.ddst import PAPER_BOUNDS, RELAX_INTERVAL
 from sparsegan.wrapper import SparseGANWrapper
 
 __all__ = [
+    "POOLINGS",
     "STRATEGY_NAMES",
     "RunCurves",
     "SNGANDiscriminator",
@@ -106,6 +107,10 @@ class _DBlock(nn.Module):
         return h + s
 
 
+POOLINGS: tuple[str, ...] = ("sum", "mean")
+"""Global pooling choices of :class:`SNGANDiscriminator`."""
+
+
 def _check_image_size(image_size: int) -> int:
     if image_size not in (16, 32, 64):
         raise ValueError(f"image_size must be 16, 32 or 64, got {image_size!r}")
@@ -142,16 +147,32 @@ class SNGANDiscriminator(nn.Module):
     """ResNet SNGAN discriminator with spectral norm on every layer; outputs one logit per image.
 
     Downsampling blocks bring the image to 8x8 (16 px: 1, 32 px: 2, 64 px: 3), followed by two
-    plain residual blocks, ReLU, global sum pooling and a linear layer.
+    plain residual blocks, ReLU, global pooling over the 8x8 positions and a linear layer.
+
+    ``pooling="sum"`` is SNGAN's (and torch-mimicry's) global sum pooling. ``"mean"`` divides
+    the same sum by the 64 positions. Spectral norm fixes every layer's scale, so pooling is
+    what sets the size of D's logits. With sum pooling, the logits of an untrained D at width 32
+    are around 10-15, far outside the hinge loss's margin of 1. In the demo's short runs
+    (:class:`TrainConfig`) a sparse G's first samples were then separated at once: D's hinge
+    loss was exactly 0 by iteration 20 and Static never recovered on 2 of 8 seeds. That is why
+    the demo uses ``"mean"`` (see ``results/compare/README.md``, "The setup").
 
     Args:
         channels: Width of every block (``ndf``; 128 in the paper's CIFAR model).
         image_size: 16, 32 or 64.
         in_channels: Image channels.
+        pooling: ``"sum"`` (SNGAN's) or ``"mean"`` over the final 8x8 feature map.
+
+    Raises:
+        ValueError: For an unknown ``pooling`` or ``image_size``.
     """
 
-    def __init__(self, channels: int = 64, image_size: int = 32, in_channels: int = 3) -> None:
+    def __init__(self, channels: int = 64, image_size: int = 32, in_channels: int = 3, *,
+                 pooling: str = "sum") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, got {pooling!r}")
+        self.pooling = pooling
         downs = int(math.log2(_check_image_size(image_size) // 8))
         layers: list[nn.Module] = [_DBlock(in_channels, channels, down=True, first=True)]
         layers += [_DBlock(channels, channels, down=True) for _ in range(downs - 1)]
@@ -161,7 +182,8 @@ class SNGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, 1)`` for images ``(N, C, H, W)``."""
-        h = F.relu(self.blocks(x)).sum(dim=(2, 3))
+        h = F.relu(self.blocks(x))
+        h = h.sum(dim=(2, 3)) if self.pooling == "sum" else h.mean(dim=(2, 3))
         return self.fc(h)
 
 
@@ -333,6 +355,8 @@ class TrainConfig:
         latent_dim: Size of ``z``.
         g_channels: Generator width.
         d_channels: Discriminator width.
+        d_pooling: The discriminator's global pooling, ``"mean"`` or SNGAN's ``"sum"`` (see
+            :class:`SNGANDiscriminator` for why the demo averages).
         lr: Adam learning rate of both networks.
         betas: Adam betas.
         ema: Decay of the sparse-aware G-EMA (``None``: no EMA).
@@ -358,6 +382,7 @@ class TrainConfig:
     latent_dim: int = 64
     g_channels: int = 32
     d_channels: int = 32
+    d_pooling: str = "mean"
     lr: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.9)
     ema: float | None = 0.99
@@ -493,7 +518,7 @@ def train(config: TrainConfig, data: ImageDataset, *, callback: Callback | None 
     data = data.to(device)
     torch.manual_seed(config.seed)
     G = SNGANGenerator(config.latent_dim, config.g_channels, data.image_size, data.channels).to(device)
-    D = SNGANDiscriminator(config.d_channels, data.image_size, data.channels).to(device)
+    D = SNGANDiscriminator(config.d_channels, data.image_size, data.channels, pooling=config.d_pooling).to(device)
     g_opt = torch.optim.Adam(G.parameters(), lr=config.lr, betas=config.betas)
     d_opt = torch.optim.Adam(D.parameters(), lr=config.lr, betas=config.betas)
     latent_dim = config.latent_dim

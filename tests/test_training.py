@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sparsegan.strategies import DDST, SDST, Static
-from sparsegan.training import Schedule, build_strategy, compressed_schedule, default_d_density, paper_schedule
+from sparsegan.training import (
+    Schedule,
+    SNGANDiscriminator,
+    build_strategy,
+    compressed_schedule,
+    default_d_density,
+    paper_schedule,
+)
 
 
 def test_compressed_schedule_by_hand() -> None:
@@ -73,3 +81,17 @@ def test_default_d_density_and_unknown_names() -> None:
     assert default_d_density("dense", 0.1) == 1.0
     with pytest.raises(ValueError, match="unknown strategy 'rigl'"):
         build_strategy("rigl", g_density=0.1, iterations=10)
+
+
+def test_discriminator_mean_pooling_divides_the_sum_by_the_positions() -> None:
+    torch.manual_seed(0)
+    summed = SNGANDiscriminator(8, 16, 1, pooling="sum").eval()
+    averaged = SNGANDiscriminator(8, 16, 1, pooling="mean").eval()
+    averaged.load_state_dict(summed.state_dict())
+    x = torch.randn(3, 1, 16, 16)
+    bias = summed.fc.bias.detach()
+    with torch.no_grad():
+        # the final map is 8x8: mean = sum / 64 before the (spectrally normed) linear layer
+        torch.testing.assert_close(averaged(x) - bias, (summed(x) - bias) / 64)
+    with pytest.raises(ValueError, match="pooling must be one of 'sum', 'mean'"):
+        SNGANDiscriminator(8, 16, 1, pooling="max")
