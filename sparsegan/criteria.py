@@ -35,8 +35,10 @@ from torch import Tensor
 __all__ = [
     "GROW_SCORES",
     "PRUNE_SCORES",
+    "NonFiniteScoreError",
     "ScoreFn",
     "drop_lowest",
+    "first_non_finite",
     "get_score",
     "gradient_score",
     "grow_highest",
@@ -52,6 +54,57 @@ ScoreFn = Callable[..., Tensor]
 
 It returns a tensor of ``param``'s shape; higher means more important.
 """
+
+
+class NonFiniteScoreError(ValueError):
+    """Scores that cannot be ranked: NaN, or (where a caller asks for finite scores) infinite.
+
+    :func:`drop_lowest` and :func:`grow_highest` raise it for NaN scores (infinities are
+    comparable and accepted there); the built-in DST algorithm also raises it for infinite
+    scores. The wrapper catches it at a due mask update and skips that update.
+
+    Args:
+        message: The error message.
+        layer: Index of the first offending layer, in the order of the scores passed.
+
+    Attributes:
+        layer: Index of the first offending layer, in the order of the scores passed.
+    """
+
+    def __init__(self, message: str, layer: int) -> None:
+        super().__init__(message)
+        self.layer = layer
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return (type(self), (str(self), self.layer))
+
+
+def first_non_finite(tensors: Sequence[Tensor | None]) -> int | None:
+    """Index of the first floating tensor holding a NaN or an infinity (``None`` if there is none).
+
+    Two reductions per tensor (``amax``, ``amin``: NaN propagates through both, ``+inf`` shows in
+    the first and ``-inf`` in the second), so no full-size temporary is allocated. ``None``
+    entries, empty and non-floating tensors are skipped.
+
+    Args:
+        tensors: Tensors to check (e.g. scores, weights or gradients of each layer).
+
+    Returns:
+        The index of the first tensor that is not finite, or ``None``.
+
+    Example:
+        >>> first_non_finite([torch.ones(2), None, torch.tensor([0.0, float("inf")])])
+        2
+    """
+    for i, tensor in enumerate(tensors):
+        if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        with torch.no_grad():
+            extremes = torch.stack([tensor.detach().amax(), tensor.detach().amin()])
+        if not bool(torch.isfinite(extremes).all()):
+            return i
+    return None
+
 
 # Below this many candidates a plain ``torch.topk`` is fast enough.
 _PREFILTER_MIN = 1 << 20
@@ -324,7 +377,8 @@ def _check_layers(
 
     Raises:
         TypeError: If a mask or exclude tensor is not boolean.
-        ValueError: On length or shape mismatches or NaN scores.
+        NonFiniteScoreError: If a layer's scores contain NaN.
+        ValueError: On length or shape mismatches.
     """
     if len(masks) != len(scores):
         raise ValueError(
@@ -342,7 +396,7 @@ def _check_layers(
             )
         # max() propagates NaN: one reduction instead of a full-size isnan() mask
         if score.is_floating_point() and score.numel() and bool(torch.isnan(score.max())):
-            raise ValueError(f"scores of layer {i} contain NaN; scores must be comparable numbers")
+            raise NonFiniteScoreError(f"scores of layer {i} contain NaN; scores must be comparable numbers", i)
         if exclude is not None:
             if exclude[i].dtype != torch.bool:
                 raise TypeError(f"exclude {i} must have dtype torch.bool, got {exclude[i].dtype}")
@@ -474,7 +528,8 @@ def drop_lowest(
 
     Raises:
         TypeError: If a mask is not boolean or ``count`` has the wrong type.
-        ValueError: On mismatched layers/shapes, NaN scores, or a count larger
+        NonFiniteScoreError: If a layer's scores contain NaN (a ``ValueError``).
+        ValueError: On mismatched layers/shapes, or a count larger
             than the number of active positions.
     """
     _check_layers(masks, scores)
@@ -529,7 +584,8 @@ def grow_highest(
     Raises:
         TypeError: If a mask/exclude tensor is not boolean or ``count`` has the
             wrong type.
-        ValueError: On mismatched layers/shapes, NaN scores, or a count larger
+        NonFiniteScoreError: If a layer's scores contain NaN (a ``ValueError``).
+        ValueError: On mismatched layers/shapes, or a count larger
             than the number of inactive positions.
     """
     _check_layers(masks, scores, exclude)

@@ -150,6 +150,16 @@ class SparseEMA:
         Raises:
             ValueError: If a name is not a parameter of the module or a shape differs.
         """
+        checked = self._checked_masks(masks)
+        self._masks = checked
+        with torch.no_grad():
+            self._apply_masks()
+        logger.debug("SparseEMA: %d masks set, density %.4f", len(checked), self.density())
+
+    def _checked_masks(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The masks by canonical name, as bool copies on the parameters' devices (nothing changes)."""
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"masks must be a mapping of parameter name to mask, got {type(masks).__name__}")
         unknown = [n for n in masks if n not in self._canonical]
         if unknown:
             raise ValueError(
@@ -160,19 +170,16 @@ class SparseEMA:
         for name, mask in masks.items():
             canonical = self._canonical[name]
             param = self._params[canonical]
-            if tuple(mask.shape) != tuple(param.shape):
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(param.shape):
+                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ValueError(
-                    f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape "
-                    f"{tuple(param.shape)}"
+                    f"mask for {name!r} has shape {shape} but the parameter has shape {tuple(param.shape)}"
                 )
             mask = mask.detach()
             if mask.dtype != torch.bool:
                 mask = mask != 0
             checked[canonical] = mask.to(device=param.device, copy=True)
-        self._masks = checked
-        with torch.no_grad():
-            self._apply_masks()
-        logger.debug("SparseEMA: %d masks set, density %.4f", len(checked), self.density())
+        return checked
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The masks in force, by canonical parameter name (copies)."""
@@ -207,28 +214,57 @@ class SparseEMA:
             "masks": {n: m.detach().cpu().clone() for n, m in self._masks.items()},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict` (``"masks"`` is optional).
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check a state saved by :meth:`state_dict` without changing anything.
 
         Raises:
-            ValueError: If keys are missing, the decay is invalid, or the module state does not
-                fit the EMA copy.
+            ValueError: If keys are missing, the decay or the update count is invalid, the module
+                state does not fit the EMA copy (names or shapes), or a mask does not fit.
         """
+        self._checked_state(state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (``"masks"`` is optional; nothing changes on an error).
+
+        Raises:
+            ValueError: If keys are missing, the decay or the update count is invalid, the module
+                state does not fit the EMA copy (names or shapes), or a mask does not fit.
+        """
+        decay, updates, masks = self._checked_state(state)
+        self.module.load_state_dict(state["module"])
+        self.decay = decay
+        self.updates = updates
+        if masks is not None:
+            self._masks = masks
+        with torch.no_grad():
+            self._apply_masks()
+
+    def _checked_state(self, state: Mapping[str, Any]) -> tuple[float, int, dict[str, torch.Tensor] | None]:
+        if not isinstance(state, Mapping):
+            raise ValueError(f"not a SparseEMA state: expected a mapping, got {type(state).__name__}")
         missing = [k for k in ("decay", "module", "updates") if k not in state]
         if missing:
             raise ValueError(f"not a SparseEMA state: missing {missing}")
         decay = self._checked_decay(state["decay"])
         try:
-            self.module.load_state_dict(state["module"])
-        except RuntimeError as exc:
-            raise ValueError(f"the EMA state does not fit this module (another architecture?): {exc}") from exc
-        self.decay = decay
-        self.updates = int(state["updates"])
-        if "masks" in state:
-            self.set_masks(state["masks"])
-        else:
-            with torch.no_grad():
-                self._apply_masks()
+            updates = int(state["updates"])
+        except (TypeError, ValueError):
+            raise ValueError(f"not a SparseEMA state: updates is {state['updates']!r}") from None
+        saved = state["module"]
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"the EMA state's module entry is a {type(saved).__name__}, not a state dict")
+        own = self.module.state_dict()
+        missing_keys = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        shapes = [f"{k}: {_shape(saved[k])} vs {_shape(v)}" for k, v in own.items()
+                  if k in saved and isinstance(v, torch.Tensor) and _shape(saved[k]) != _shape(v)]
+        if missing_keys or unexpected or shapes:
+            raise ValueError(
+                "the EMA state does not fit this module (another architecture?): missing keys "
+                f"{missing_keys[:5]}, unexpected keys {unexpected[:5]}, shape mismatches {shapes[:5]}"
+            )
+        masks = self._checked_masks(state["masks"]) if "masks" in state else None
+        return decay, updates, masks
 
     # ------------------------------------------------------------------ helpers
 
@@ -262,3 +298,8 @@ class SparseEMA:
     def __repr__(self) -> str:
         return (f"SparseEMA({type(self.module).__name__}, decay={self.decay}, updates={self.updates}, "
                 f"masked={len(self._masks)} weights, density={self.density():.4f})")
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    """A tensor's shape, or the type name of anything else (for state checks)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -270,15 +270,35 @@ class FlopsLedger:
             },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load counters saved by :meth:`state_dict`.
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check a state saved by :meth:`state_dict` without changing anything.
 
         Raises:
             ValueError: If the state's networks or layers differ from this ledger's (a
-                checkpoint of another model), or its format is unknown.
+                checkpoint of another model), its format is unknown or an entry is malformed.
         """
-        if state.get("format") != _STATE_FORMAT or not isinstance(state.get("networks"), Mapping):
-            raise ValueError(f"not a FlopsLedger state (format {state.get('format')!r}, expected {_STATE_FORMAT})")
+        self._parsed(state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load counters saved by :meth:`state_dict` (nothing changes on an error).
+
+        Raises:
+            ValueError: If the state's networks or layers differ from this ledger's (a
+                checkpoint of another model), its format is unknown or an entry is malformed.
+        """
+        for network, (sparse, dense, steps, densities) in self._parsed(state).items():
+            net = self._nets[network]
+            net.sparse, net.dense, net.steps = sparse, dense, steps
+            if densities is None:
+                net.densities, net.sparse_forward = None, float(net.dense_forward)
+            else:
+                self.set_densities(network, densities)
+
+    def _parsed(self, state: Mapping[str, Any]) -> dict[str, tuple[float, int, int, dict[str, float] | None]]:
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT \
+                or not isinstance(state.get("networks"), Mapping):
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a FlopsLedger state (format {found!r}, expected {_STATE_FORMAT})")
         saved = state["networks"]
         if set(saved) != set(self._nets):
             raise ValueError(
@@ -288,18 +308,16 @@ class FlopsLedger:
         loaded: dict[str, tuple[float, int, int, dict[str, float] | None]] = {}
         for network, entry in saved.items():
             net = self._nets[network]
-            densities = entry.get("densities")
-            checked = None if densities is None else self._checked_densities(network, net, densities)
-            if int(entry["steps"]) < 0 or float(entry["sparse"]) < 0 or int(entry["dense"]) < 0:
+            try:
+                densities = entry.get("densities")
+                checked = None if densities is None else self._checked_densities(network, net, densities)
+                sparse, dense, steps = float(entry["sparse"]), int(entry["dense"]), int(entry["steps"])
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{network}: malformed ledger entry ({type(exc).__name__}: {exc})") from None
+            if steps < 0 or sparse < 0 or dense < 0:
                 raise ValueError(f"{network}: negative counters in the state")
-            loaded[network] = (float(entry["sparse"]), int(entry["dense"]), int(entry["steps"]), checked)
-        for network, (sparse, dense, steps, densities) in loaded.items():
-            net = self._nets[network]
-            net.sparse, net.dense, net.steps = sparse, dense, steps
-            if densities is None:
-                net.densities, net.sparse_forward = None, float(net.dense_forward)
-            else:
-                self.set_densities(network, densities)
+            loaded[network] = (sparse, dense, steps, checked)
+        return loaded
 
     # ------------------------------------------------------------------ helpers
 

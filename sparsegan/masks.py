@@ -187,12 +187,22 @@ class MaskedWeights:
         """The masks by parameter name (bool tensors on the CPU)."""
         return {n: m.detach().cpu().clone() for n, m in zip(self.names, self.masks)}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load masks saved by :meth:`state_dict` and enforce them.
+    def check_state_dict(self, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Check masks saved by :meth:`state_dict` without changing anything.
+
+        Args:
+            state: Bool masks by parameter name.
+
+        Returns:
+            The masks in this object's order, on the parameters' devices (what
+            :meth:`load_state_dict` would install).
 
         Raises:
-            MaskStateError: If names are missing or extra, or shapes or dtypes differ.
+            MaskStateError: If ``state`` is not a mapping, names are missing or extra, or shapes
+                or dtypes differ.
         """
+        if not isinstance(state, Mapping):
+            raise MaskStateError(f"expected masks by parameter name, got {type(state).__name__}")
         missing = [n for n in self.names if n not in state]
         extra = [n for n in state if n not in self.names]
         if missing or extra:
@@ -200,7 +210,19 @@ class MaskedWeights:
                 f"mask names do not match this network: missing {missing}, unexpected {extra}; "
                 "was the checkpoint made for a different model or with different include/exclude?"
             )
-        self.masks = self._checked([state[n] for n in self.names])
+        masks = [state[n] for n in self.names]
+        not_tensors = [n for n, m in zip(self.names, masks) if not isinstance(m, torch.Tensor)]
+        if not_tensors:
+            raise MaskStateError(f"masks for {not_tensors} are not tensors")
+        return self._checked(masks)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load masks saved by :meth:`state_dict` and enforce them (nothing changes on an error).
+
+        Raises:
+            MaskStateError: If names are missing or extra, or shapes or dtypes differ.
+        """
+        self.masks = self.check_state_dict(state)
         self.apply_()
 
     def __len__(self) -> int:

@@ -11,13 +11,28 @@ The wrapper wires the parts together and owns every hook:
   when a masked parameter changed outside the optimizer (e.g. ``load_state_dict``).
 
 Every hook returns a handle; :meth:`SparseGANWrapper.remove` removes them all.
+
+What the wrapper refuses rather than get silently wrong:
+
+* an optimizer that also holds the *other* network's masked weights (a ``ValueError`` at wrap
+  time, or at the first step after such weights were added with ``add_param_group``);
+* a state dict that does not fit (a :class:`WrapperStateError`, raised before anything changes);
+* :meth:`SparseGANWrapper.density` after :meth:`~SparseGANWrapper.remove` /
+  :meth:`~SparseGANWrapper.finalize`, once a pruned weight became nonzero (a ``RuntimeError``:
+  the masks are no longer enforced, and their density is no longer the network's; while the
+  weights still follow them it returns their density and logs that they are not enforced).
+
+A due mask update whose inputs or scores are not finite (a diverged step) is skipped with a
+warning instead of failing inside ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +43,12 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsegan._utils import as_args, format_table, isolated_rng, preserved_state, unwrap_model, unwrap_optimizer
 from sparsegan.balance import ESTIMATORS, BalanceEstimator, BalanceProbe, BalanceRatio
+from sparsegan.criteria import NonFiniteScoreError, first_non_finite
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
 from sparsegan.distributed import all_reduce_mean, broadcast_masks, is_distributed
 from sparsegan.ema import SparseEMA
 from sparsegan.flops import FlopsLedger, layer_flops
-from sparsegan.masks import MaskedWeights, MaskStateError, OptimizerStatePolicy
+from sparsegan.masks import MaskedWeights, OptimizerStatePolicy
 from sparsegan.strategies import NETWORKS, SparsityAlgorithm, Strategy, create
 
 __all__ = ["SparseGANWrapper", "WrapperStateError"]
@@ -61,6 +77,8 @@ class _Network:
     generator: torch.Generator
     steps: int = 0
     mask_updates: int = 0
+    skipped_updates: int = 0
+    held: tuple[int, ...] = ()
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def density(self) -> float:
@@ -94,6 +112,30 @@ class _Inert:
         return None
 
 
+def _held(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """A cheap signature of what an optimizer holds: the size of each parameter group."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
+@contextlib.contextmanager
+def _checking(what: str) -> Iterator[None]:
+    """Turn any error raised while checking part of a state dict into a :class:`WrapperStateError`."""
+    try:
+        yield
+    except WrapperStateError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise WrapperStateError(f"{what}: {detail}") from None
+
+
+def _count(value: Any, what: str) -> int:
+    """A non-negative int from a state dict entry."""
+    if isinstance(value, bool) or int(value) != value or int(value) < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def _per_network(value: Any, network: str) -> Any:
     if isinstance(value, Mapping) and set(value) <= set(NETWORKS):
         return value.get(network)
@@ -110,6 +152,26 @@ class SparseGANWrapper:
         sg = sparsegan.SparseGANWrapper(G, D, g_opt, d_opt,
                                         strategy=sparsegan.strategies.Static(0.1, 0.2))
         # ... the usual loop: d_opt.step(), g_opt.step(), ...
+
+    **One optimizer per network.** Each optimizer must hold its own network's masked weights
+    and none of the other network's (a G that keeps D as a submodule, built with
+    ``Adam(G.parameters())``, or two optimizers each built over both networks, are refused with
+    a ``ValueError`` that names the shared weights). A network's masks, step count, scheduled
+    updates and optimizer-state resets all follow that network's own optimizer: steps of another
+    optimizer would move the weights at pruned positions, and its moments there would never be
+    reset. Re-enforcing the masks after the other optimizer too would hide what is nearly always
+    a bug in the loop (G's step also training D on G's loss), while still leaving that
+    optimizer's state, D's step count and D's schedule out of step; so the wrapper refuses. The
+    check runs at wrap time, and again at the next step of an optimizer whose parameter groups
+    grew (``add_param_group``); then the masks are enforced before the error is raised.
+
+    **Non-finite updates.** A due mask update is skipped, with a warning naming the network,
+    the step and the layer, when a masked weight or its gradient is not finite, or when the
+    algorithm finds its scores not finite (:class:`~sparsegan.criteria.NonFiniteScoreError`).
+    The masks, the algorithm's state and the network's random generator are left as they were,
+    and the update is tried again at the next step at which the algorithm is due (DST: the next
+    multiple of ``update_every``; DDST's D: its next step in the same iteration, else the next
+    decision iteration). :meth:`report` counts the skipped updates.
 
     Args:
         generator: The generator (any ``nn.Module``; DDP / ``torch.compile`` wrappers allowed).
@@ -148,8 +210,8 @@ class SparseGANWrapper:
     Raises:
         TypeError: If a model or optimizer has the wrong type.
         ValueError: If the optimizers are the same object, an optimizer does not hold its
-            network's masked weights, a sparse network has no maskable weights, or a module is
-            already wrapped.
+            network's masked weights or also holds the other network's masked weights, a sparse
+            network has no maskable weights, or a module is already wrapped.
         DiscoveryError: If a network cannot be analysed (the message says how to fix it).
     """
 
@@ -201,6 +263,9 @@ class SparseGANWrapper:
                 _per_network(include, net), _per_network(exclude, net), optimizer_state,
                 discovery_methods, self.seed + index,
             )
+        self._check_shared_parameters()
+        self._removed: str | None = None
+        self._warned_removed = False
         self.balance = BalanceRatio(self.strategy.br_window)
         self._probe: BalanceProbe | None = None
         self._probe_handles: list[RemovableHandle] = []
@@ -288,6 +353,53 @@ class SparseGANWrapper:
                 "to SparseGANWrapper (did you swap g_optimizer and d_optimizer?)"
             )
 
+    def _check_shared_parameters(self) -> None:
+        """Refuse an optimizer that also holds the other network's masked weights (see the class docs).
+
+        Raises:
+            ValueError: Naming, per optimizer, the other network's masked weights it holds, and the fix.
+        """
+        problems: list[str] = []
+        fixes: list[str] = []
+        for net in self._networks.values():
+            if net.algorithm is None:
+                continue
+            for other in self._networks.values():
+                if other is net:
+                    continue
+                held = {id(p) for group in other.optimizer.param_groups for p in group["params"]}
+                shared = [(n, p) for n, p in zip(net.weights.names, net.weights.params) if id(p) in held]
+                if not shared:
+                    continue
+                inside = {id(p): n for n, p in other.module.named_parameters(remove_duplicate=False)}
+                listed = [f"{n!r} (the {other.name}'s {inside[id(p)]!r})" if id(p) in inside else repr(n)
+                          for n, p in shared[:4]]
+                more = f" and {len(shared) - 4} more" if len(shared) > 4 else ""
+                problems.append(f"{other.name[0]}_optimizer also holds {len(shared)} of the {net.name}'s "
+                                f"{len(net.weights)} masked weights: {', '.join(listed)}{more}")
+                prefixes = sorted({inside[id(p)].split(".")[0] for _, p in shared if id(p) in inside})
+                if prefixes and len(shared) == sum(id(p) in inside for _, p in shared):
+                    skip = " or ".join(f"n.startswith({prefix + '.'!r})" for prefix in prefixes)
+                    fixes.append(f"{other.name[0]}_optimizer = torch.optim.Adam([p for n, p in "
+                                 f"{other.name}.named_parameters() if not ({skip})], ...)")
+                else:
+                    fixes.append(f"build {other.name[0]}_optimizer from {other.name}.parameters() alone, "
+                                 f"not chained with the {net.name}'s")
+        if problems:
+            raise ValueError(
+                "; ".join(problems) + ". Each network's masks, step count and optimizer-state resets follow its "
+                "own optimizer: another optimizer's steps would write into the pruned weights, and its moments "
+                "there would never be reset. Build each optimizer from its own network's parameters only, "
+                "e.g. " + "; ".join(fixes) + " (or keep those weights dense with exclude=)."
+            )
+        for net in self._networks.values():
+            net.held = _held(net.optimizer)
+
+    def _recheck_shared_parameters(self) -> None:
+        """At a step of an optimizer whose parameter groups changed: enforce the masks, then check again."""
+        self.apply_masks()  # whatever the check finds, no weight is left violating its mask
+        self._check_shared_parameters()
+
     def _register_hooks(self, net: _Network) -> None:
         def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self._after_step(net)
@@ -304,6 +416,8 @@ class SparseGANWrapper:
             net.handles.append(net.module.register_forward_pre_hook(_EnforceMasks(net.weights)))
 
     def _after_step(self, net: _Network) -> None:
+        if _held(net.optimizer) != net.held:
+            self._recheck_shared_parameters()
         net.steps += 1
         if net.algorithm is not None:
             net.weights.apply_()
@@ -325,8 +439,11 @@ class SparseGANWrapper:
             if due and clock:
                 self._check_balance_source()
             extra = {"balance": self.balance, **clock} if clock else {}
-            changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, **extra)
-            if due and is_distributed():
+            if due:
+                changed = self._due_update(net, extra)
+            else:
+                changed = net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, **extra)
+            if due and is_distributed():  # every rank takes part, whether or not it skipped
                 changed = self._sync_masks(net) or changed
         if changed:
             net.mask_updates += 1
@@ -338,6 +455,37 @@ class SparseGANWrapper:
             if changed:
                 self.ema.set_masks(self.masks("generator"))
             self.ema.update(net.module)
+
+    def _due_update(self, net: _Network, extra: dict[str, Any]) -> bool:
+        """Run a due update, or skip it when its inputs or scores are not finite (see the class docs)."""
+        assert net.algorithm is not None
+        names = net.weights.names
+        bad = first_non_finite(net.weights.params)
+        reason = None if bad is None else f"the weight {names[bad]!r} is not finite"
+        if reason is None:
+            bad = first_non_finite([p.grad for p in net.weights.params])
+            reason = None if bad is None else f"the gradient of {names[bad]!r} is not finite"
+        if reason is None:
+            state = copy.deepcopy(net.algorithm.state_dict())
+            rng = net.generator.get_state()
+            masks = [m.clone() for m in net.weights.masks]
+            try:
+                return net.algorithm.update(net.steps, net.weights, net.optimizer, net.generator, **extra)
+            except NonFiniteScoreError as exc:
+                net.algorithm.load_state_dict(state)
+                net.generator.set_state(rng)
+                if any(not torch.equal(a, b) for a, b in zip(masks, net.weights.masks)):
+                    net.weights.set_masks(masks, [net.optimizer])
+                layer = names[exc.layer] if 0 <= exc.layer < len(names) else f"#{exc.layer}"
+                reason = f"the scores of {layer!r} are not finite ({exc})"
+        net.skipped_updates += 1
+        when = f"step {net.steps}"
+        if "iteration" in extra:
+            when += f" (iteration {extra['iteration']})"
+        logger.warning("%s: the mask update due at %s is skipped: %s (NaN or inf; a diverged step?). The masks "
+                       "are unchanged; the update is tried again at the next step at which it is due.",
+                       net.name, when, reason)
+        return False
 
     @staticmethod
     def _sync_masks(net: _Network) -> bool:
@@ -374,11 +522,55 @@ class SparseGANWrapper:
         return self._networks[key]
 
     def density(self, network: str) -> float:
-        """Fraction of the network's maskable weights that are active (1.0 for a dense network)."""
-        return self._net(network).density()
+        """Fraction of the network's maskable weights that are active (1.0 for a dense network).
+
+        After :meth:`remove` / :meth:`finalize` the masks are no longer enforced. The density of
+        the masks is then returned only while the weights still follow them (every pruned weight
+        still exactly 0, as right after ``finalize()`` or Lightning's teardown), with a warning
+        logged once that they are no longer enforced; once a pruned weight is nonzero (training
+        went on without the hooks) it raises, because that density would no longer be true.
+
+        Raises:
+            ValueError: For an unknown network name.
+            RuntimeError: After :meth:`remove` / :meth:`finalize`, when the network's weights no
+                longer follow its masks (the message gives how many pruned weights are nonzero
+                and the density the masks had).
+        """
+        net = self._net(network)
+        if self._removed is not None and net.algorithm is not None:
+            violations = self._violations(net)
+            if violations:
+                raise RuntimeError(
+                    f"the {net.name}'s masks are no longer enforced: {self._removed} removed the wrapper's "
+                    f"hooks after {net.steps} {net.name} steps, and since then {violations} pruned weights "
+                    f"became nonzero, so the masks' density {net.density():.4f} is no longer the "
+                    f"{net.name}'s. Count the module's nonzero weights to measure it, or wrap the models "
+                    "again to keep training sparse."
+                )
+            if not self._warned_removed:
+                self._warned_removed = True
+                logger.warning("the masks are no longer enforced (%s removed the wrapper's hooks); density() "
+                               "reports the masks, which the weights still follow", self._removed)
+        return net.density()
+
+    @staticmethod
+    def _violations(net: _Network) -> int:
+        """Nonzero weights at pruned positions (0 while the masks are enforced)."""
+        with torch.no_grad():
+            return sum(int(torch.count_nonzero(p.detach()[~m.to(p.device)]))
+                       for p, m in zip(net.weights.params, net.weights.masks))
+
+    @property
+    def enforcing(self) -> bool:
+        """Whether the masks are still enforced (``False`` after :meth:`remove` / :meth:`finalize`)."""
+        return self._removed is None
 
     def masks(self, network: str) -> dict[str, torch.Tensor]:
-        """Copies of the network's bool masks by parameter name (empty for a dense network)."""
+        """Copies of the network's bool masks by parameter name (empty for a dense network).
+
+        After :meth:`remove` / :meth:`finalize` these are the masks as they were then (e.g. for
+        :func:`sparsegan.save_sparse` of the finalized modules); they are no longer enforced.
+        """
         net = self._net(network)
         if net.algorithm is None:
             return {}
@@ -452,17 +644,35 @@ class SparseGANWrapper:
                 net.weights.apply_()
 
     def report(self) -> str:
-        """A per-layer table of both networks: what was found, how, and how dense it is."""
+        """A per-layer table of both networks: what was found, how, and how dense it is.
+
+        After :meth:`remove` / :meth:`finalize` the report says first that the masks are no
+        longer enforced and whether the weights still follow them, and gives each density as that
+        of the masks when the hooks were removed.
+        """
         blocks = [f"SparseGANWrapper with {self.strategy!r}"]
+        if self._removed is not None:
+            steps = ", ".join(f"{net.name} {net.steps}" for net in self._networks.values())
+            violations = {net.name: self._violations(net) for net in self._networks.values() if net.algorithm is not None}
+            broken = ", ".join(f"{n}: {v} pruned weights nonzero" for n, v in violations.items() if v)
+            follow = (f"the weights no longer follow them ({broken})" if broken
+                      else "the weights still follow them")
+            blocks.append(
+                f"MASKS NO LONGER ENFORCED: {self._removed} removed every hook (after steps: {steps}); the "
+                f"densities below are the masks' at that point, and {follow}."
+            )
+        density = "density" if self._removed is None else "density when removed"
         for net in self._networks.values():
             found = net.discovery
             w = net.weights
             active = w.active_counts() if net.algorithm is not None else [m.numel() for m in w.masks]
             total = w.total
+            skipped = (f"; {net.skipped_updates} due mask updates skipped (non-finite weights or scores)"
+                       if net.skipped_updates else "")
             blocks.append(
                 f"\n{net.name} ({type(net.module).__name__}): {len(w)} kernel weights found by "
-                f"{found.method}; density {net.density():.4f} ({sum(active)}/{total} active); "
-                f"{net.algorithm!r}"
+                f"{found.method}; {density} {net.density():.4f} ({sum(active)}/{total} active); "
+                f"{net.algorithm!r}{skipped}"
             )
             rows = [("name", "shape", "op", "found by", "via", "density", "active")]
             for rec, count in zip(found.weights, active):
@@ -498,6 +708,7 @@ class SparseGANWrapper:
                     "masks": net.weights.state_dict() if net.algorithm is not None else {},
                     "steps": net.steps,
                     "mask_updates": net.mask_updates,
+                    "skipped_updates": net.skipped_updates,
                     "rng": net.generator.get_state(),
                     "algorithm": net.algorithm.state_dict() if net.algorithm is not None else {},
                 }
@@ -511,52 +722,96 @@ class SparseGANWrapper:
         To resume bit-identically: build the models and optimizers, wrap them, then load the
         models', the optimizers' and this state dict (in any order), and continue the loop.
 
+        Loading is atomic: every part (both networks' masks, counters, random generators and
+        algorithm states, the balance ratio, the probe, the FLOPs ledger, the G-EMA) is checked
+        first, and nothing changes unless all of them fit.
+
         Raises:
-            WrapperStateError: If the state comes from another strategy or model.
+            WrapperStateError: If the state comes from another strategy or model, or any part of
+                it is malformed (the wrapper is then unchanged).
         """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT or "networks" not in state:
+        self._check_state(state)
+        for net in self._networks.values():
+            saved = state["networks"][net.name]
+            with _checking(net.name):
+                if net.algorithm is not None:
+                    net.weights.load_state_dict(saved["masks"])
+                    net.algorithm.load_state_dict(saved["algorithm"])
+                net.steps = int(saved["steps"])
+                net.mask_updates = int(saved.get("mask_updates", 0))
+                net.skipped_updates = int(saved.get("skipped_updates", 0))
+                net.generator.set_state(saved["rng"])
+        with _checking("balance ratio"):
+            self.balance.load_state_dict(state["balance"])
+        if self._probe is not None and state.get("probe") is not None:
+            with _checking("balance-ratio probe"):
+                self._probe.load_state_dict(state["probe"])
+        if self.ledger is not None and state.get("ledger") is not None:
+            with _checking("FLOPs ledger"):
+                self.ledger.load_state_dict(state["ledger"])
+        if self.ema is not None and state.get("ema") is not None:
+            with _checking("G-EMA"):
+                self.ema.load_state_dict(state["ema"])
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Everything :meth:`load_state_dict` checks before it changes anything.
+
+        Raises:
+            WrapperStateError: At the first part that does not fit.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT \
+                or not isinstance(state.get("networks"), Mapping):
             raise WrapperStateError("not a SparseGANWrapper state dict (expected the output of sg.state_dict())")
-        if state["strategy"] != type(self.strategy).__name__:
+        if state.get("strategy") != type(self.strategy).__name__:
             raise WrapperStateError(
-                f"state dict was saved with strategy {state['strategy']}, this wrapper uses "
+                f"state dict was saved with strategy {state.get('strategy')}, this wrapper uses "
                 f"{type(self.strategy).__name__}; wrap with the same strategy to resume"
             )
-        try:
-            self.balance.load_state_dict(state["balance"])
-        except ValueError as exc:
-            raise WrapperStateError(f"balance ratio: {exc}") from None
-        if self._probe is not None and state.get("probe") is not None:
-            try:
-                self._probe.load_state_dict(state["probe"])
-            except ValueError as exc:
-                raise WrapperStateError(f"balance-ratio probe: {exc}; wrap with the same br_estimator") from None
-        if self.ledger is not None and state.get("ledger") is not None:
-            self.ledger.load_state_dict(state["ledger"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
         for net in self._networks.values():
             saved = state["networks"].get(net.name)
-            if saved is None:
+            if not isinstance(saved, Mapping):
                 raise WrapperStateError(f"state dict has no entry for the {net.name}")
-            if net.algorithm is not None:
-                try:
-                    net.weights.load_state_dict(saved["masks"])
-                except MaskStateError as exc:
-                    raise WrapperStateError(f"{net.name}: {exc}") from None
-                net.algorithm.load_state_dict(saved["algorithm"])
-            net.steps = int(saved["steps"])
-            net.mask_updates = int(saved.get("mask_updates", 0))
-            net.generator.set_state(saved["rng"])
+            with _checking(net.name):
+                if net.algorithm is not None:
+                    net.weights.check_state_dict(saved["masks"])
+                    copy.deepcopy(net.algorithm).load_state_dict(saved["algorithm"])
+                _count(saved["steps"], "steps")
+                _count(saved.get("mask_updates", 0), "mask_updates")
+                _count(saved.get("skipped_updates", 0), "skipped_updates")
+                torch.Generator(device=net.generator.device).set_state(saved["rng"])
+        with _checking("balance ratio"):
+            copy.deepcopy(self.balance).load_state_dict(state["balance"])
+        probe = state.get("probe")
+        if self._probe is not None and probe is not None:
+            with _checking("balance-ratio probe"):
+                saved_estimator = probe.get("estimator", "fresh")
+                if saved_estimator != self._probe.estimator:
+                    raise WrapperStateError(
+                        f"balance-ratio probe: saved balance-ratio estimator is {saved_estimator!r}, this probe's "
+                        f"is {self._probe.estimator!r}; wrap with the same br_estimator"
+                    )
+                torch.Generator(device=self._probe.rng.device).set_state(probe["rng"])
+        if self.ledger is not None and state.get("ledger") is not None:
+            with _checking("FLOPs ledger"):
+                self.ledger.check_state_dict(state["ledger"])
+        if self.ema is not None and state.get("ema") is not None:
+            with _checking("G-EMA"):
+                self.ema.check_state_dict(state["ema"])
 
     def finalize(self) -> tuple[nn.Module, nn.Module]:
         """Bake the masks into the weights, remove every hook and return the plain modules.
 
         The returned generator and discriminator are the user's own (unwrapped) modules; their
         ``state_dict`` keys are unchanged, so it loads into a fresh, unwrapped instance of the same
-        architecture. Save them compactly with :func:`sparsegan.save_sparse`.
+        architecture. Save them compactly with :func:`sparsegan.save_sparse` (with
+        ``masks=sg.masks(...)``, which still returns the baked masks).
+
+        Afterwards the masks are no longer enforced: :meth:`density` raises and :meth:`report`
+        says so.
         """
         self.apply_masks()
         self.remove()
+        self._removed = "finalize()"
         return self._networks["generator"].module, self._networks["discriminator"].module
 
     def __reduce__(self) -> Any:
@@ -573,7 +828,13 @@ class SparseGANWrapper:
         self._probe = None  # with its hooks gone, nothing refers to the calls it recorded
 
     def remove(self) -> None:
-        """Remove every hook. Weights stay as they are (inactive ones remain 0)."""
+        """Remove every hook. Weights stay as they are (inactive ones remain 0).
+
+        Afterwards the masks are no longer enforced: further training may make pruned weights
+        nonzero, so :meth:`density` raises and :meth:`report` says so. Removing twice is harmless.
+        """
+        if self._removed is None:
+            self._removed = "remove()"
         self._remove_probe()
         for net in self._networks.values():
             for handle in net.handles:
@@ -587,4 +848,5 @@ class SparseGANWrapper:
             f"{n.name}={type(n.module).__name__}(density={n.density():.4f}, weights={len(n.weights)})"
             for n in self._networks.values()
         )
-        return f"SparseGANWrapper(strategy={self.strategy!r}, {parts})"
+        removed = "" if self._removed is None else f", masks no longer enforced since {self._removed}"
+        return f"SparseGANWrapper(strategy={self.strategy!r}, {parts}{removed})"

@@ -86,6 +86,13 @@ class SparsityAlgorithm(abc.ABC):
 
         Returns:
             Whether the masks changed.
+
+        Raises:
+            NonFiniteScoreError: (:class:`sparsegan.criteria.NonFiniteScoreError`) when scores
+                are not finite; raise it before changing the masks. At a due step the wrapper
+                then restores this algorithm's :meth:`state_dict` and the generator's state,
+                logs a warning and skips the update (it also skips a due update without calling
+                this method when a masked weight or its gradient is not finite).
         """
         return False
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from sparsegan.balance import BalanceRatio
-from sparsegan.criteria import drop_lowest, get_score, grow_highest
+from sparsegan.criteria import NonFiniteScoreError, drop_lowest, first_non_finite, get_score, grow_highest
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import DropFractionSchedule, UpdateSchedule, drop_fraction_schedule
 from sparsegan.strategies.base import (
@@ -86,7 +86,12 @@ class DynamicSparsity(SparsityAlgorithm):
 
     def prune_and_grow(self, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
                        generator: torch.Generator, fraction: float) -> int:
-        """Replace ``fraction`` of the active weights; return how many were replaced."""
+        """Replace ``fraction`` of the active weights; return how many were replaced.
+
+        Raises:
+            NonFiniteScoreError: If the prune or grow scores are not finite (the masks are then
+                unchanged).
+        """
         active = weights.active_counts()
         # every layer keeps at least one active weight, so no update can disconnect the network
         if self.scope == "global":
@@ -109,11 +114,23 @@ class DynamicSparsity(SparsityAlgorithm):
     @staticmethod
     def _scores(score, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
                 generator: torch.Generator) -> list[torch.Tensor]:
+        """One score tensor per weight.
+
+        Raises:
+            NonFiniteScoreError: If a layer's scores hold NaN or an infinity (a diverged step):
+                nothing has changed yet, and the wrapper skips the update.
+        """
         with torch.no_grad():
-            return [
+            scores = [
                 score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
                 for p, m in zip(weights.params, weights.masks)
             ]
+        bad = first_non_finite(scores)
+        if bad is not None:
+            raise NonFiniteScoreError(
+                f"{getattr(score, '__name__', 'score')} of layer {bad} ({weights.names[bad]!r}) is not finite "
+                "(NaN or inf)", bad)
+        return scores
 
     def _config(self) -> str:
         return (f"{super()._config()}, update={self.schedule}, drop_fraction={self.drop_fraction}, "
