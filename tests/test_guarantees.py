@@ -354,3 +354,21 @@ def test_a_dense_network_still_reports_density_one_after_remove() -> None:
     sg = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Dense())
     sg.remove()
     assert sg.density("G") == 1.0
+
+
+def test_ddst_resize_refuses_infinite_scores_and_leaves_the_masks() -> None:
+    from sparsegan.balance import DensityController
+    from sparsegan.criteria import NonFiniteScoreError
+    from sparsegan.masks import MaskedWeights
+    from sparsegan.schedules import UpdateSchedule
+    from sparsegan.strategies.ddst import ControlledDensity
+
+    layer = torch.nn.Linear(4, 4)
+    weights = MaskedWeights(["weight"], [layer.weight], [torch.tensor([[True, False, False, False]] * 4)])
+    layer.weight.grad = torch.ones(4, 4)
+    layer.weight.grad[0, 1] = float("inf")  # an infinite gradient would win every grow slot
+    before = weights.masks[0].clone()
+    algorithm = ControlledDensity(0.25, controller=DensityController(0.25), update=UpdateSchedule(every=10))
+    with pytest.raises(NonFiniteScoreError, match="grow scores of layer 0 are not finite"):
+        algorithm.resize(weights, torch.optim.SGD(layer.parameters(), lr=0.1), torch.Generator(), 0.5)
+    assert torch.equal(weights.masks[0], before)

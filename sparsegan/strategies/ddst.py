@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from sparsegan.balance import BalanceRatio, Bounds, DensityController, check_bounds
-from sparsegan.criteria import drop_lowest, get_score, grow_highest
+from sparsegan.criteria import NonFiniteScoreError, drop_lowest, first_non_finite, get_score, grow_highest
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFractionSchedule, UpdateSchedule
 from sparsegan.strategies.base import Distribution, SparsityAlgorithm, register_strategy
@@ -122,7 +122,13 @@ class ControlledDensity(SparsityAlgorithm):
 
     def resize(self, weights: MaskedWeights, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                density: float) -> bool:
-        """Grow or prune (globally) to exactly ``round(density * total)`` active weights."""
+        """Grow or prune (globally) to exactly ``round(density * total)`` active weights.
+
+        Raises:
+            NonFiniteScoreError: If a layer's scores hold NaN or an infinity (a diverged step).
+                The masks are then unchanged; the wrapper restores the controller and skips the
+                decision (see :class:`~sparsegan.SparseGANWrapper`).
+        """
         active = weights.active_counts()
         # never disconnect a layer: each keeps at least one active weight
         change = max(round(density * weights.total), len(active)) - sum(active)
@@ -132,6 +138,9 @@ class ControlledDensity(SparsityAlgorithm):
         with torch.no_grad():
             scores = [score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
                       for p, m in zip(weights.params, weights.masks)]
+        bad = first_non_finite(scores)
+        if bad is not None:
+            raise NonFiniteScoreError(f"{'grow' if change > 0 else 'prune'} scores of layer {bad} are not finite", bad)
         if change > 0:
             new = grow_highest(weights.masks, scores, change)
         else:
