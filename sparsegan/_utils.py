@@ -115,6 +115,39 @@ def module_device(module: nn.Module, device: torch.device | str | None = None) -
     return param.device if param is not None else torch.device("cpu")
 
 
+def module_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (``None`` if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def to_module(value: Any, module: nn.Module) -> Any:
+    """Move every tensor in ``value`` (a tensor or a nested tuple/list/dict) to ``module``'s device.
+
+    Floating-point tensors also take the dtype of the module's floating-point parameters, so a
+    ``latent=lambda n: torch.randn(n, 128)`` (CPU, float32) feeds a CUDA or bfloat16 model
+    unchanged. Integer and bool tensors (labels, masks) keep their dtype; non-tensors pass
+    through; tensors already in place are returned as they are (no copy).
+
+    Args:
+        value: What a ``latent=`` / ``real=`` callable or a loader returned.
+        module: The module that consumes it.
+
+    Returns:
+        ``value`` with its tensors on the module's device (and floating dtype).
+    """
+    device, dtype = module_device(module), module_dtype(module)
+
+    def move(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        cast = dtype if dtype is not None and leaf.is_floating_point() and leaf.dtype != dtype else None
+        if leaf.device == device and cast is None:
+            return leaf
+        return leaf.to(device=device, dtype=cast, non_blocking=True)
+
+    return pytree.tree_map(move, value)
+
+
 @contextlib.contextmanager
 def isolated_rng(seed: int | None = None) -> Iterator[None]:
     """Run a block without touching the global RNG streams (CPU and every initialised CUDA device).

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from sparsegan._utils import as_args, isolated_rng, module_device, preserved_state
+from sparsegan._utils import as_args, isolated_rng, preserved_state, to_module
 
 __all__ = ["BalanceEstimator", "BalanceRatio", "BalanceProbe", "DensityController", "Decision", "ESTIMATORS",
            "WARMUP", "WARMUP_BAND", "Bounds", "check_bounds"]
@@ -344,10 +344,7 @@ class BalanceProbe:
                     batch = next(self._iterator)
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
-        device = module_device(self.discriminator)
-        if isinstance(batch, torch.Tensor) and batch.device != device:
-            batch = batch.to(device, non_blocking=True)  # a CPU DataLoader feeding a GPU model
-        return batch
+        return to_module(batch, self.discriminator)  # e.g. a CPU DataLoader feeding a GPU model
 
     def _d(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         score = _first_tensor(self.discriminator(*args, **kwargs))
@@ -433,7 +430,7 @@ class BalanceProbe:
         n = self.batch_size or (real_batch.shape[0] if isinstance(real_batch, torch.Tensor) else 64)
         assert self.latent is not None
         with self._seeded():
-            z = as_args(self.latent(n))
+            z = as_args(to_module(self.latent(n), self.generator))
         with self._replay():
             before = _mean(self._d(self._g(z, {})))
         self._pending = (lambda: self._d(real_batch), z, {}, before, _Call((), {}))

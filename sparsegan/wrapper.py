@@ -41,7 +41,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from sparsegan._utils import as_args, format_table, isolated_rng, preserved_state, unwrap_model, unwrap_optimizer
+from sparsegan._utils import (
+    as_args,
+    format_table,
+    isolated_rng,
+    preserved_state,
+    to_module,
+    unwrap_model,
+    unwrap_optimizer,
+)
 from sparsegan.balance import ESTIMATORS, BalanceEstimator, BalanceProbe, BalanceRatio
 from sparsegan.criteria import NonFiniteScoreError, first_non_finite
 from sparsegan.discovery import METHODS, DiscoveryError, DiscoveryResult, ParameterFilter, discover
@@ -254,7 +262,7 @@ class SparseGANWrapper:
         if modules["generator"] is modules["discriminator"]:
             raise ValueError("generator and discriminator are the same module")
         self.seed = int(seed)
-        examples = self._examples(modules["generator"], latent, g_example_inputs, d_example_inputs)
+        examples = self._examples(modules["generator"], modules["discriminator"], latent, g_example_inputs, d_example_inputs)
         algorithms = self.strategy.build()
         self._networks: dict[str, _Network] = {}
         for index, net in enumerate(NETWORKS):
@@ -298,16 +306,21 @@ class SparseGANWrapper:
     # ------------------------------------------------------------------ construction
 
     @staticmethod
-    def _examples(g_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
+    def _examples(g_module: nn.Module, d_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
                   d_example: Any) -> dict[str, Any]:
+        """Example inputs for discovery, moved to each network's device and floating dtype."""
         if g_example is None and latent is not None:
             with isolated_rng():  # wrapping must not shift the user's random stream
                 g_example = latent(2)
+        if g_example is not None:
+            g_example = to_module(g_example, g_module)  # e.g. CPU latents for a CUDA generator
         if d_example is None and g_example is not None:
             with preserved_state(g_module), torch.no_grad():
                 out = g_module(*as_args(g_example))
             d_example = out if isinstance(out, torch.Tensor) else next(
                 (x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)), None)
+        if d_example is not None:
+            d_example = to_module(d_example, d_module)
         return {"generator": g_example, "discriminator": d_example}
 
     def _build_network(
