@@ -284,3 +284,15 @@ def test_custom_algorithm_without_the_balance_keyword() -> None:
     sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Counting())
     train(G, D, g_opt, d_opt, 3, latent=8)
     assert sg.algorithm("G").calls == 3
+
+
+def test_unknown_run_length_is_logged_at_the_first_prune_and_grow_not_at_construction(caplog) -> None:
+    import logging
+
+    from sparsegan.strategies import SDST
+
+    with caplog.at_level(logging.INFO, logger="sparsegan"):
+        schedule = SDST(0.1, 0.1).build()["generator"].drop_fraction
+        assert "total_steps" not in caplog.text  # constructing says nothing
+        assert schedule(0) == 0.5 and schedule(500) == 0.5
+    assert caplog.text.count("total_steps was not given") == 1  # the first use says it, once

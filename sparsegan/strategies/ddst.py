@@ -162,15 +162,38 @@ class ControlledDensity(SparsityAlgorithm):
         return f"{super()._config()}, controller={self.controller!r}, every={self.every} iterations"
 
 
+class _ConstantForUnknownLength:
+    """A constant drop fraction that says so, once, when it is first used.
+
+    The paper decays the drop fraction over the run, which needs the run's length. Without
+    ``total_steps`` it stays constant; that only matters once a prune-and-grow happens (many
+    runs end before the first one, and Static-G strategies never use it), so the note is logged
+    at the first use instead of at every construction.
+    """
+
+    def __init__(self, value: float, what: str) -> None:
+        self.inner = ConstantDropFraction(value)
+        self.what = what
+        self.noted = False
+
+    def __call__(self, step: int) -> float:
+        if not self.noted:
+            self.noted = True
+            logger.info("%s: drop fraction %s at every update (total_steps was not given; pass total_steps= "
+                        "(optimizer steps of the run) for the paper's cosine decay)", self.what, self.inner.value)
+        return self.inner(step)
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
 def _paper_drop_schedule(drop_fraction: float | DropFractionSchedule, total_steps: int | None,
                          what: str) -> DropFractionSchedule:
     """Cosine decay from ``drop_fraction`` over ``total_steps``; constant when the run length is unknown."""
     if not isinstance(drop_fraction, (int, float)):
         return drop_fraction
     if total_steps is None:
-        logger.warning("%s: total_steps not given, so the drop fraction stays at %s; pass total_steps= "
-                       "(optimizer steps of the run) for the paper's cosine decay", what, drop_fraction)
-        return ConstantDropFraction(float(drop_fraction))
+        return _ConstantForUnknownLength(float(drop_fraction), what)
     return CosineDropFraction(float(drop_fraction), total_steps)
 
 
