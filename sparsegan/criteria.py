@@ -39,6 +39,7 @@ __all__ = [
     "ScoreFn",
     "drop_lowest",
     "first_non_finite",
+    "growth_gradients",
     "get_score",
     "gradient_score",
     "grow_highest",
@@ -104,6 +105,31 @@ def first_non_finite(tensors: Sequence[Tensor | None]) -> int | None:
         if not bool(torch.isfinite(extremes).all()):
             return i
     return None
+
+
+def growth_gradients(params: Sequence[Tensor], names: Sequence[str]) -> list[Tensor | None]:
+    """Each weight's ``.grad`` for scoring, with zeros for layers the last backward did not reach.
+
+    A masked layer that the forward never runs (a from-RGB conv for another resolution, a head
+    used only in another mode) has no gradient after ``backward()``. Its gradient is zero, so it
+    is scored as zero and gets no grown weights; a log line names it. Only when *no* weight has
+    a gradient are the ``None`` entries kept, so that :func:`gradient_score` can explain the
+    usual cause (gradients set to ``None`` between ``backward()`` and ``step()``).
+
+    Args:
+        params: The masked weights, in order.
+        names: Their names (for the log line).
+
+    Returns:
+        One gradient (or ``None``, see above) per weight.
+    """
+    grads = [p.grad for p in params]
+    missing = [name for name, grad in zip(names, grads) if grad is None]
+    if not missing or len(missing) == len(grads):
+        return grads
+    logger.info("no gradient for %d masked weight(s) the last backward did not reach (%s%s); scored as zero "
+                "gradient", len(missing), ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
+    return [torch.zeros_like(p) if grad is None else grad for p, grad in zip(params, grads)]
 
 
 # Below this many candidates a plain ``torch.topk`` is fast enough.

@@ -554,9 +554,11 @@ def _records(
         uses = flow.uses.get(pid, [])
         # A conv/linear use outranks a matmul use (e.g. a spectral-norm power iteration).
         primary = [u for u in uses if not _is_matmul_label(u.op)] or uses
-        if not primary and method != "fx" and pid in by_module_type:
-            # Not reached on the example input (a data-dependent branch), but a conv/linear
-            # module's weight by construction.
+        unreached = not primary and pid in by_module_type
+        if unreached:
+            # The rule, the same for every method: the weight of a conv/linear module that the
+            # analysed forward does not reach (another resolution's layer, a head used in another
+            # mode, a data-dependent branch) is masked by its module type.
             op, via = by_module_type[pid]
             primary = [Use(op, via)]
             method_used = f"{method}+module type"
@@ -573,7 +575,9 @@ def _records(
             skipped.append(SkippedParameter(names[0], shape, f"{param.dim()}-D parameter used by {primary[0].op}"))
             continue
         macs: int | None = None
-        if macs_flow is not None:
+        if macs_flow is not None and unreached and not macs_flow.uses.get(pid):
+            macs = 0  # the example forward does not run it: it costs nothing there
+        elif macs_flow is not None:
             rt_uses = [u for u in macs_flow.uses.get(pid, []) if _is_matmul_label(u.op) == _is_matmul_label(primary[0].op)]
             if rt_uses and all(u.macs is not None for u in rt_uses):
                 macs = sum(int(u.macs) for u in rt_uses) // max(batch, 1)  # type: ignore[misc]
@@ -581,6 +585,13 @@ def _records(
             name=names[0], shape=shape, op=primary[0].op, method=method_used, via=primary[0].via,
             aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary),
         ))
+    unreached_names = [w.name for w in weights if w.method.endswith("+module type")]
+    if unreached_names:
+        logger.warning(
+            "%s: %d weight(s) of conv/linear modules are not reached by the forward on the example input and are "
+            "masked by module type (they may run in another mode or at another resolution): %s. Pass exclude= to "
+            "keep them dense.", type(module).__name__, len(unreached_names), ", ".join(unreached_names[:8])
+            + (", ..." if len(unreached_names) > 8 else ""))
     return weights, skipped
 
 

@@ -205,8 +205,55 @@ def test_tied_weights_get_one_record_with_aliases() -> None:
 def test_optional_none_argument_is_bound_when_tracing() -> None:
     result = discover(OptionalArg(), torch.randn(2, 4))
     assert result.method == "fx"
-    assert set(result.names) == {"fc.weight"}
-    assert {s.name: s.reason for s in result.skipped}["extra.weight"] == "not used in the forward pass"
+    assert result["fc.weight"].method == "fx"
+    # not reached with mask=None, but a Linear's weight: masked by module type (the rule below)
+    assert result["extra.weight"].method == "fx+module type"
+    assert result["extra.weight"].macs_per_sample == 0  # costs nothing in this forward
+
+
+class FromRGB(nn.Module):
+    """A progressive-GAN style D: one from-RGB conv per resolution, only one used per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_rgb = nn.ModuleDict({"8": nn.Conv2d(1, 4, 1), "16": nn.Conv2d(1, 4, 1)})
+        self.fc = nn.Linear(4 * 8 * 8, 1)
+        self.resolution = "8"  # the current stage of a progressive schedule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.from_rgb[self.resolution](x).flatten(1))
+
+
+class Heads(nn.Module):
+    """A D with a classifier head used only in another mode (ACGAN-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.adv = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, classify: bool = False) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.aux(h) if classify else self.adv(h)
+
+
+@pytest.mark.parametrize("model, example, expected", [
+    (FromRGB, (2, 1, 8, 8), {"from_rgb.8.weight", "from_rgb.16.weight", "fc.weight"}),
+    (Heads, (2, 4), {"body.weight", "adv.weight", "aux.weight"}),
+    (OptionalArg, (2, 4), {"fc.weight", "extra.weight"}),
+])
+@pytest.mark.parametrize("method", ["fx", "export", "runtime"])
+def test_unreached_conv_linear_weights_are_masked_whichever_method_wins(model, example, expected, method,
+                                                                        caplog) -> None:
+    with caplog.at_level("WARNING", logger="sparsegan.discovery"):
+        result = discover(model(), torch.randn(*example), methods=(method,))
+    assert result.method == method
+    assert set(result.names) == expected
+    unreached = {w.name for w in result.weights if w.method == f"{method}+module type"}
+    assert len(unreached) == 1
+    assert f"masked by module type (they may run in another mode or at another resolution): {unreached.pop()}" \
+        in caplog.text
 
 
 def test_trace_that_disagrees_with_eager_is_not_trusted() -> None:

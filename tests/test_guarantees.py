@@ -372,3 +372,29 @@ def test_ddst_resize_refuses_infinite_scores_and_leaves_the_masks() -> None:
     with pytest.raises(NonFiniteScoreError, match="grow scores of layer 0 are not finite"):
         algorithm.resize(weights, torch.optim.SGD(layer.parameters(), lr=0.1), torch.Generator(), 0.5)
     assert torch.equal(weights.masks[0], before)
+
+
+def test_layers_the_forward_never_runs_get_zero_gradient_scores_and_zero_flops(caplog) -> None:
+    from tests.test_discovery import FromRGB
+
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
+    D = FromRGB()  # from_rgb.16 is never called at 8x8
+    g_opt, d_opt = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=DST(0.5, 0.5, update_every=2),
+                          latent=lambda n: torch.randn(n, 4), br_estimator=None)
+    unused = D.from_rgb["16"].weight
+    assert "from_rgb.16.weight" in sg.masks("discriminator")
+    with caplog.at_level(logging.INFO, logger="sparsegan"):
+        for _ in range(4):
+            loss = F.softplus(-D(torch.randn(4, 1, 8, 8))).mean() + F.softplus(D(G(torch.randn(4, 4)).detach())).mean()
+            d_opt.zero_grad()
+            loss.backward()
+            assert unused.grad is None
+            d_opt.step()  # a gradient-growth update is due at steps 2 and 4
+    assert sg.mask_updates("discriminator") == 2
+    assert "did not reach (from_rgb.16.weight); scored as zero gradient" in caplog.text
+    mask = sg.masks("discriminator")["from_rgb.16.weight"]
+    assert int(torch.count_nonzero(unused.detach()[~mask])) == 0  # still masked
+    flops = sg.flops()  # the ledger stays on: the unused layer costs 0 in this forward
+    assert 0 < flops["discriminator"]["ratio"] < 1

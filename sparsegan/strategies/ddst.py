@@ -19,7 +19,14 @@ from typing import Any, Literal
 import torch
 
 from sparsegan.balance import BalanceRatio, Bounds, DensityController, check_bounds
-from sparsegan.criteria import NonFiniteScoreError, drop_lowest, first_non_finite, get_score, grow_highest
+from sparsegan.criteria import (
+    NonFiniteScoreError,
+    drop_lowest,
+    first_non_finite,
+    get_score,
+    grow_highest,
+    growth_gradients,
+)
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFractionSchedule, UpdateSchedule
 from sparsegan.strategies.base import Distribution, SparsityAlgorithm, register_strategy
@@ -135,9 +142,10 @@ class ControlledDensity(SparsityAlgorithm):
         if change == 0:
             return False
         score = self.grow_score if change > 0 else self.prune_score
+        grads = growth_gradients(weights.params, weights.names)
         with torch.no_grad():
-            scores = [score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
-                      for p, m in zip(weights.params, weights.masks)]
+            scores = [score(p, m, grad=g, optimizer_state=optimizer.state.get(p, {}), generator=generator)
+                      for p, m, g in zip(weights.params, weights.masks, grads)]
         bad = first_non_finite(scores)
         if bad is not None:
             raise NonFiniteScoreError(f"{'grow' if change > 0 else 'prune'} scores of layer {bad} are not finite", bad)

@@ -21,7 +21,14 @@ from typing import Literal
 import torch
 
 from sparsegan.balance import BalanceRatio
-from sparsegan.criteria import NonFiniteScoreError, drop_lowest, first_non_finite, get_score, grow_highest
+from sparsegan.criteria import (
+    NonFiniteScoreError,
+    drop_lowest,
+    first_non_finite,
+    get_score,
+    grow_highest,
+    growth_gradients,
+)
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import DropFractionSchedule, UpdateSchedule, drop_fraction_schedule
 from sparsegan.strategies.base import (
@@ -120,10 +127,11 @@ class DynamicSparsity(SparsityAlgorithm):
             NonFiniteScoreError: If a layer's scores hold NaN or an infinity (a diverged step):
                 nothing has changed yet, and the wrapper skips the update.
         """
+        grads = growth_gradients(weights.params, weights.names)
         with torch.no_grad():
             scores = [
-                score(p, m, grad=p.grad, optimizer_state=optimizer.state.get(p, {}), generator=generator)
-                for p, m in zip(weights.params, weights.masks)
+                score(p, m, grad=g, optimizer_state=optimizer.state.get(p, {}), generator=generator)
+                for p, m, g in zip(weights.params, weights.masks, grads)
             ]
         bad = first_non_finite(scores)
         if bad is not None:
