@@ -429,6 +429,7 @@ def discover(
     include: ParameterFilter | None = None,
     exclude: ParameterFilter | None = None,
     methods: Iterable[str] = METHODS,
+    other_models: Mapping[str, nn.Module] | None = None,
 ) -> DiscoveryResult:
     """Find the kernel weights of ``model``.
 
@@ -442,6 +443,10 @@ def discover(
             ``(name, param) -> bool``).
         exclude: Never mask weights whose name matches.
         methods: The cascade to try, in order; a subset of ``("fx", "export", "runtime")``.
+        other_models: Models whose parameters are never masked here, by a label (e.g.
+            ``{"discriminator": D}`` for a G that keeps D as a submodule): they are skipped with
+            the reason ``"a parameter of the discriminator"``, since that model's own masks
+            cover them.
 
     Returns:
         A :class:`DiscoveryResult`; nothing about the model or the global RNG is changed.
@@ -531,6 +536,13 @@ def discover(
     weights, skipped = _records(module, aliases, params, flow, method, macs_flow,
                                 first_batch_size(args) if have_example else 1)
     weights, skipped = _apply_filters(weights, skipped, params, aliases, include, exclude)
+    if other_models:
+        owner = {id(p): label for label, other in other_models.items() for p in unwrap_model(other).parameters()}
+        by_name = {names[0]: pid for pid, names in aliases.items()}
+        skipped += [SkippedParameter(w.name, w.shape, f"a parameter of the {owner[by_name[w.name]]}")
+                    for w in weights if by_name[w.name] in owner]
+        weights = [w for w in weights if by_name[w.name] not in owner]
+    _warn_unreached(type(module).__name__, weights)
     result = DiscoveryResult(weights, skipped, method, notes, type(module).__name__)
     logger.info("discovered %d kernel weights in %s with %s", len(weights), result.model_name, method)
     return result
@@ -585,14 +597,18 @@ def _records(
             name=names[0], shape=shape, op=primary[0].op, method=method_used, via=primary[0].via,
             aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary),
         ))
-    unreached_names = [w.name for w in weights if w.method.endswith("+module type")]
-    if unreached_names:
+    return weights, skipped
+
+
+def _warn_unreached(model_name: str, weights: Sequence[WeightRecord]) -> None:
+    """Name the weights masked by module type alone (the forward did not reach them)."""
+    unreached = [w.name for w in weights if w.method.endswith("+module type")]
+    if unreached:
         logger.warning(
             "%s: %d weight(s) of conv/linear modules are not reached by the forward on the example input and are "
             "masked by module type (they may run in another mode or at another resolution): %s. Pass exclude= to "
-            "keep them dense.", type(module).__name__, len(unreached_names), ", ".join(unreached_names[:8])
-            + (", ..." if len(unreached_names) > 8 else ""))
-    return weights, skipped
+            "keep them dense.", model_name, len(unreached), ", ".join(unreached[:8])
+            + (", ..." if len(unreached) > 8 else ""))
 
 
 def _is_matmul_label(op: str) -> bool:

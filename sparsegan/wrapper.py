@@ -206,6 +206,11 @@ class SparseGANWrapper:
         probe_batch_size: Latents per ``"fresh"`` BR sample (default: the real batch's size).
         g_example_inputs: Example positional input(s) of G for discovery (default: ``latent(2)``).
         d_example_inputs: Example input(s) of D (default: G's output on the G example).
+        g_example_kwargs: Keyword arguments of G's example call (e.g. a required keyword-only
+            ``labels=``), for discovery and the example pass that makes D's example. The
+            ``"step"`` probe replays the keywords of the loop's own calls; the ``"fresh"`` probe
+            calls G with ``latent``'s positional arguments only, so such a G needs ``"step"``.
+        d_example_kwargs: Keyword arguments of D's example call.
         include: Only mask discovered weights matching this glob / list / callable; or a dict
             ``{"generator": ..., "discriminator": ...}``.
         exclude: Never mask discovered weights matching this (same forms as ``include``).
@@ -238,6 +243,8 @@ class SparseGANWrapper:
         probe_batch_size: int | None = None,
         g_example_inputs: Any = None,
         d_example_inputs: Any = None,
+        g_example_kwargs: Mapping[str, Any] | None = None,
+        d_example_kwargs: Mapping[str, Any] | None = None,
         include: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
         exclude: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
         optimizer_state: OptimizerStatePolicy = "reset",
@@ -262,7 +269,8 @@ class SparseGANWrapper:
         if modules["generator"] is modules["discriminator"]:
             raise ValueError("generator and discriminator are the same module")
         self.seed = int(seed)
-        examples = self._examples(modules["generator"], modules["discriminator"], latent, g_example_inputs, d_example_inputs)
+        examples = self._examples(modules["generator"], modules["discriminator"], latent, g_example_inputs,
+                                  d_example_inputs, g_example_kwargs, d_example_kwargs)
         algorithms = self.strategy.build()
         self._networks: dict[str, _Network] = {}
         for index, net in enumerate(NETWORKS):
@@ -270,6 +278,9 @@ class SparseGANWrapper:
                 net, modules[net], optimizers[net], algorithms[net], examples[net],
                 _per_network(include, net), _per_network(exclude, net), optimizer_state,
                 discovery_methods, self.seed + index,
+                # a network kept inside the other (G holding D) owns its own weights there
+                {other: modules[other] for other in NETWORKS
+                 if other != net and any(m is modules[other] for m in modules[net].modules())},
             )
         self._check_shared_parameters()
         self._removed: str | None = None
@@ -307,29 +318,49 @@ class SparseGANWrapper:
 
     @staticmethod
     def _examples(g_module: nn.Module, d_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
-                  d_example: Any) -> dict[str, Any]:
-        """Example inputs for discovery, moved to each network's device and floating dtype."""
+                  d_example: Any, g_kwargs: Mapping[str, Any] | None = None,
+                  d_kwargs: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, dict[str, Any]]]:
+        """Example ``(inputs, kwargs)`` per network, moved to its device and floating dtype.
+
+        Raises:
+            TypeError: If G cannot be called on its example (e.g. a required keyword argument
+                is missing); the message names the fix.
+        """
+        g_kw = to_module(dict(g_kwargs or {}), g_module)
+        d_kw = to_module(dict(d_kwargs or {}), d_module)
+        g_example_given = g_example
         if g_example is None and latent is not None:
             with isolated_rng():  # wrapping must not shift the user's random stream
                 g_example = latent(2)
         if g_example is not None:
             g_example = to_module(g_example, g_module)  # e.g. CPU latents for a CUDA generator
         if d_example is None and g_example is not None:
-            with preserved_state(g_module), torch.no_grad():
-                out = g_module(*as_args(g_example))
+            try:
+                with preserved_state(g_module), torch.no_grad():
+                    out = g_module(*as_args(g_example), **g_kw)
+            except TypeError as exc:
+                source = "latent(2)" if g_example_given is None else "g_example_inputs"
+                raise TypeError(
+                    f"calling the generator on its example ({source}"
+                    f"{', g_example_kwargs' if g_kw else ''}) failed: {exc}. Pass the keyword arguments "
+                    "G's forward needs as g_example_kwargs={...}, or return a tuple of all its positional "
+                    "arguments from latent= (or pass d_example_inputs= to skip this call)."
+                ) from None
             d_example = out if isinstance(out, torch.Tensor) else next(
                 (x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)), None)
         if d_example is not None:
             d_example = to_module(d_example, d_module)
-        return {"generator": g_example, "discriminator": d_example}
+        return {"generator": (g_example, g_kw), "discriminator": (d_example, d_kw)}
 
     def _build_network(
         self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer,
-        algorithm: SparsityAlgorithm | None, example: Any, include: Any, exclude: Any,
+        algorithm: SparsityAlgorithm | None, example: tuple[Any, dict[str, Any]], include: Any, exclude: Any,
         optimizer_state: OptimizerStatePolicy, methods: tuple[str, ...], seed: int,
+        others: Mapping[str, nn.Module],
     ) -> _Network:
         try:
-            found = discover(module, example, include=include, exclude=exclude, methods=methods)
+            found = discover(module, example[0], example_kwargs=example[1], include=include, exclude=exclude,
+                             methods=methods, other_models=others)
         except DiscoveryError as exc:
             keyword = "g_example_inputs" if name == "generator" else "d_example_inputs"
             raise DiscoveryError(

@@ -398,3 +398,60 @@ def test_layers_the_forward_never_runs_get_zero_gradient_scores_and_zero_flops(c
     assert int(torch.count_nonzero(unused.detach()[~mask])) == 0  # still masked
     flops = sg.flops()  # the ledger stays on: the unused layer costs 0 in this forward
     assert 0 < flops["discriminator"]["ratio"] < 1
+
+
+class _KeywordG(nn.Module):
+    """A generator whose forward takes a required keyword-only argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.emb = nn.Embedding(3, 4)
+
+    def forward(self, z: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
+        return self.fc(z + self.emb(labels))
+
+
+def _keyword_gan() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    G, D = _KeywordG(), nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    return G, D, torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+
+
+def test_a_required_keyword_argument_without_example_kwargs_names_the_fix() -> None:
+    G, D, g_opt, d_opt = _keyword_gan()
+    with pytest.raises(TypeError, match=r"calling the generator on its example \(latent\(2\)\) failed: .*labels.*"
+                                        r"g_example_kwargs=\{\.\.\.\}"):
+        SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.5, 0.5), latent=lambda n: torch.randn(n, 4))
+
+
+def test_example_kwargs_reach_discovery_and_the_step_probe_replays_the_loops_keywords() -> None:
+    G, D, g_opt, d_opt = _keyword_gan()
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.5, 0.5), latent=lambda n: torch.randn(n, 4),
+                          g_example_kwargs={"labels": torch.tensor([0, 2])}, real=lambda n: torch.randn(n, 2))
+    assert set(sg.masks("generator")) == {"fc.weight"}  # emb.weight is an embedding table, not a kernel
+    assert set(sg.masks("discriminator")) == {"0.weight", "2.weight"}
+    assert sg.strategy.br_every == 10
+    for _ in range(20):
+        labels = torch.randint(3, (8,))
+        d_loss = F.softplus(-D(torch.randn(8, 2))).mean() + F.softplus(D(G(torch.randn(8, 4), labels=labels).detach())).mean()
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        g_loss = F.softplus(-D(G(torch.randn(8, 4), labels=labels))).mean()
+        g_opt.zero_grad()
+        g_loss.backward()
+        g_opt.step()
+    assert len(sg.balance) == 2  # G steps 10 and 20 measured, G replayed with the loop's labels=
+    assert 0 < sg.flops()["generator"]["ratio"] < 1.0  # layer costs came from the keyword example
+
+
+def test_a_discriminator_kept_inside_the_generator_is_masked_once_as_the_discriminators() -> None:
+    torch.manual_seed(0)
+    _, D = mlp_gan()
+    G = GeneratorHoldingCritic(D)  # never calls it: without the ownership rule, G would mask it by type
+    g_opt = torch.optim.Adam([p for n, p in G.named_parameters() if not n.startswith("critic.")], 1e-3)
+    sg = SparseGANWrapper(G, D, g_opt, adam(D), strategy=Static(0.5, 0.5), latent=lambda n: torch.randn(n, LATENT))
+    assert set(sg.masks("generator")) == {"net.0.weight", "net.2.weight"}
+    assert set(sg.masks("discriminator")) == {"0.weight", "2.weight", "4.weight"}
+    assert "critic.0.weight" in sg.report() and "a parameter of the discriminator" in sg.report()
