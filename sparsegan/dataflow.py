@@ -21,7 +21,8 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "op_name", "flat_slots", "propagate", "kernel_macs", "Flow", "Use",
-    "MODULE_KERNELS", "MODULE_REASONS", "base_type", "kernel_weight_of", "is_norm_module", "module_kernels",
+    "MODULE_KERNELS", "MODULE_REASONS", "RNN_OPS", "base_type", "rnn_op", "rnn_weights", "kernel_weight_of",
+    "is_norm_module", "module_kernels",
 ]
 # --------------------------------------------------------------------------------------------
 # Op vocabulary (shared by the three methods)
@@ -33,6 +34,9 @@ _CONV_LIKE = {
 }
 _LINEAR_LIKE = {"linear", "bilinear"}
 MATMUL_LIKE = {"matmul", "mm", "bmm", "einsum", "addmm", "baddbmm", "addbmm", "tensordot"}
+# Recurrent ops (torch.lstm & co.): every 2-D tensor among their weights is a matmul operand
+# (``weight_ih`` / ``weight_hh`` of each layer and direction), every 1-D one a bias.
+RNN_OPS = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 # Ops whose slot 0 is an additive input (bias), not a product operand.
 _ADD_FIRST = {"addmm", "baddbmm", "addbmm"}
 _WEIGHT_SLOT = {"conv_tbc": 1, "bilinear": 2}
@@ -163,6 +167,16 @@ def propagate(
     ``shape`` (optional; the export and runtime methods have shapes, fx does not) lets a product
     tell a kernel modulated per sample (see :func:`_per_sample_modulation`) from a learned scale.
     """
+    if op in RNN_OPS:
+        for slot, value in slots:
+            for pid, via in tracked(value):
+                if slot == 0:
+                    flow.consumed(pid, f"input of {op}, not its weight")
+                elif weight_ndim(value) == 2:
+                    flow.use(pid, op, via)
+                else:
+                    flow.consumed(pid, f"bias of {op}")
+        return []
     family = _kernel_family(op)
     if family is not None:
         for slot, value in slots:
@@ -275,10 +289,30 @@ def is_norm_module(module: nn.Module) -> bool:
                                nn.LocalResponseNorm)) or type(module).__name__.endswith("Norm")
 
 
+def rnn_op(module: nn.Module) -> str | None:
+    """The functional op of a recurrent module (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``)."""
+    if not isinstance(module, nn.RNNBase):
+        return None
+    mode = module.mode.lower()
+    return mode if mode in RNN_OPS else None
+
+
+def rnn_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The matmul operands of a recurrent module: ``weight_ih_l*`` / ``weight_hh_l*`` (2-D)."""
+    if rnn_op(module) is None:
+        return []
+    return [(n, p) for n, p in module._parameters.items()
+            if p is not None and n.startswith("weight_") and p.dim() == 2]
+
+
 def module_kernels(module: nn.Module) -> dict[int, tuple[str, tuple[str, ...]]]:
-    """``id(param) -> (op, via)`` for the weights of every conv/linear module, by module type."""
+    """``id(param) -> (op, via)`` for the weights of every conv/linear/RNN module, by module type."""
     found: dict[int, tuple[str, tuple[str, ...]]] = {}
     for sub in module.modules():
+        op = rnn_op(sub)
+        if op is not None:
+            for _, param in rnn_weights(sub):
+                found[id(param)] = (op, ())
         kernel = MODULE_KERNELS.get(base_type(sub))
         weight = kernel_weight_of(sub) if kernel is not None else None
         if weight is not None:

@@ -53,6 +53,7 @@ from sparsegan.dataflow import (
     MATMUL_LIKE,
     MODULE_KERNELS,
     MODULE_REASONS,
+    RNN_OPS,
     SIZE_PRESERVING,
     Flow,
     Use,
@@ -64,6 +65,8 @@ from sparsegan.dataflow import (
     module_kernels,
     op_name,
     propagate,
+    rnn_op,
+    rnn_weights,
 )
 
 __all__ = [
@@ -269,6 +272,10 @@ def _leaf_params(flow: Flow, sub: nn.Module, path: str, hidden: list[str]) -> No
                 used.add(id(p))
         flow.use(id(sub.out_proj.weight), "linear", ())
         used.add(id(sub.out_proj.weight))
+    elif rnn_op(sub) is not None:
+        for _, param in rnn_weights(sub):
+            flow.use(id(param), rnn_op(sub) or "", ())
+            used.add(id(param))
     elif kernel is not None:
         found = kernel_weight_of(sub)
         if found is not None:
@@ -283,7 +290,7 @@ def _leaf_params(flow: Flow, sub: nn.Module, path: str, hidden: list[str]) -> No
         elif is_norm_module(sub):
             reason = "normalization affine parameter"
         elif name.split(".")[-1].startswith("bias"):
-            reason = f"bias of {kernel or type(sub).__name__}"
+            reason = f"bias of {kernel or rnn_op(sub) or type(sub).__name__}"
         elif kernel is not None:
             reason = f"extra parameter of {type(sub).__name__}"
         else:
@@ -381,15 +388,32 @@ class _RuntimeRecorder(TorchFunctionMode):
         carried = propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed,
                             shape=lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
         cost = kernel_macs(op, args, kwargs, out, transposed)
+        per_weight = _rnn_macs(op, slots, self._tracked) if op in RNN_OPS else {}
         for pid, uses in self.flow.uses.items():
             for use in uses[before.get(pid, 0):]:
-                use.macs = cost
+                use.macs = per_weight.get(pid, cost)
         if carried:
             for leaf in pytree.tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
                     self.values[id(leaf)] = carried
                     self.keepalive.append(leaf)
         return out
+
+
+def _rnn_macs(op: str, slots: list[tuple[int | str, Any]],
+              tracked: Callable[[Any], list[tuple[int, tuple[str, ...]]]]) -> dict[int, int]:
+    """MACs of each weight of one recurrent call: its size times the time steps of the batch.
+
+    Each weight multiplies one vector per time step and sample (every layer and direction
+    runs over the whole sequence), so its MACs are ``numel * T * B``; slot 0 is the padded input
+    ``(T, B, F)`` / ``(B, T, F)`` or a packed sequence's data ``(sum of lengths, F)``.
+    """
+    data = next((v for s, v in slots if s == 0 and isinstance(v, torch.Tensor)), None)
+    if data is None or data.dim() < 2:
+        return {}
+    steps = data.shape[0] * data.shape[1] if data.dim() == 3 else data.shape[0]
+    return {pid: value.numel() * steps for slot, value in slots if slot != 0 and isinstance(value, torch.Tensor)
+            and value.dim() == 2 for pid, _ in tracked(value)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,6 +92,19 @@ class _Network:
     def density(self) -> float:
         return self.weights.density() if self.algorithm is not None else 1.0
 
+    def dense_weights(self) -> list[tuple[str, int, str]]:
+        """``(name, numel, reason)`` of the network's other weight tensors (2-D or more), kept dense."""
+        params = dict(self.module.named_parameters())
+        return [(s.name, params[s.name].numel(), s.reason) for s in self.discovery.skipped
+                if s.name in params and params[s.name].dim() >= 2 and not s.reason.startswith("a parameter of the")]
+
+    def weight_density(self) -> float:
+        """Active fraction of all the network's weight tensors: masked kernels plus those kept dense."""
+        dense = sum(n for _, n, _ in self.dense_weights())
+        active = (sum(self.weights.active_counts()) if self.algorithm is not None else self.weights.total) + dense
+        total = self.weights.total + dense
+        return active / total if total else 1.0
+
 
 class _EnforceMasks:
     """Forward pre-hook: re-apply the masks when a masked parameter changed since the last time.
@@ -118,6 +131,10 @@ class _Inert:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         return None
+
+
+# Reasons for keeping a 2-D+ weight dense that are intended, not a gap in discovery.
+_INTENDED_DENSE = frozenset({"embedding table", "excluded by exclude=", "not matched by include="})
 
 
 def _held(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
@@ -384,7 +401,17 @@ class SparseGANWrapper:
             weights.apply_()
             if optimizer_state == "reset":
                 weights.reset_optimizer_state(optimizer)
-        return _Network(name, module, optimizer, found, algorithm, weights, rng)
+        net = _Network(name, module, optimizer, found, algorithm, weights, rng)
+        if algorithm is not None:
+            unexpected = [(n, reason) for n, _, reason in net.dense_weights() if reason not in _INTENDED_DENSE]
+            if unexpected:
+                logger.warning(
+                    "%s: %d weight tensor(s) stay dense, so the network is denser than its masked kernels "
+                    "(all weights %.4f against %.4f): %s. See the discovery docs ('What to do for each reason'), "
+                    "or pass include=/exclude= to state what you want.", name, len(unexpected),
+                    net.weight_density(), net.density(),
+                    "; ".join(f"{n} ({reason})" for n, reason in unexpected[:8]) + ("; ..." if len(unexpected) > 8 else ""))
+        return net
 
     @staticmethod
     def _check_optimizer(name: str, optimizer: torch.optim.Optimizer, weights: MaskedWeights) -> None:
@@ -604,6 +631,19 @@ class SparseGANWrapper:
             return sum(int(torch.count_nonzero(p.detach()[~m.to(p.device)]))
                        for p, m in zip(net.weights.params, net.weights.masks))
 
+    def weight_density(self, network: str) -> float:
+        """Active fraction of *all* the network's weight tensors (2-D or more), masked or not.
+
+        :meth:`density` counts the masked kernels only. Weights that discovery left dense (an op
+        it does not recognise, an embedding table, anything ``exclude=`` names) count here as
+        fully active, so this is the density the network really has. The two agree when
+        everything is masked; :meth:`report` shows both when they differ.
+
+        Raises:
+            ValueError: For an unknown network name.
+        """
+        return self._net(network).weight_density()
+
     @property
     def enforcing(self) -> bool:
         """Whether the masks are still enforced (``False`` after :meth:`remove` / :meth:`finalize`)."""
@@ -713,9 +753,12 @@ class SparseGANWrapper:
             total = w.total
             skipped = (f"; {net.skipped_updates} due mask updates skipped (non-finite weights or scores)"
                        if net.skipped_updates else "")
+            dense = net.dense_weights()
+            all_weights = (f"; all weight tensors {net.weight_density():.4f} ({len(dense)} kept dense)"
+                           if dense and net.algorithm is not None else "")
             blocks.append(
                 f"\n{net.name} ({type(net.module).__name__}): {len(w)} kernel weights found by "
-                f"{found.method}; {density} {net.density():.4f} ({sum(active)}/{total} active); "
+                f"{found.method}; {density} {net.density():.4f} ({sum(active)}/{total} active){all_weights}; "
                 f"{net.algorithm!r}{skipped}"
             )
             rows = [("name", "shape", "op", "found by", "via", "density", "active")]

@@ -349,3 +349,37 @@ def test_discovery_under_no_grad_finds_the_same_weights(method: str) -> None:
         result = discover(ScaledConv(), X, methods=[method])
     assert result.names == expected.names and result.method == method
     assert [w.macs_per_sample for w in result.weights] == [w.macs_per_sample for w in expected.weights]
+
+
+class RecurrentD(nn.Module):
+    """A sequence discriminator: LSTM(8, 64) then a linear score of the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 64, batch_first=True)
+        self.fc = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x)
+        return self.fc(h[:, -1])
+
+
+@pytest.mark.parametrize("method", ["fx", "export", "runtime"])
+def test_lstm_weights_are_matmul_operands_with_their_macs(method) -> None:
+    result = discover(RecurrentD(), torch.randn(2, 5, 8), methods=(method,))
+    assert result.names == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "fc.weight"]
+    assert result["rnn.weight_ih_l0"].op == "lstm"
+    # per sample: each weight entry multiplies once per time step (5 steps)
+    assert result["rnn.weight_ih_l0"].macs_per_sample == 4 * 64 * 8 * 5
+    assert result["rnn.weight_hh_l0"].macs_per_sample == 4 * 64 * 64 * 5
+    assert result["fc.weight"].macs_per_sample == 64
+    assert {s.name: s.reason for s in result.skipped}["rnn.bias_hh_l0"] == "bias of lstm"
+
+
+def test_every_layer_and_direction_of_a_gru_is_found() -> None:
+    gru = nn.GRU(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+    result = discover(gru, torch.randn(2, 3, 4), methods=("runtime",))  # batch 2, 3 steps
+    assert sorted(result.names) == sorted(f"weight_{k}_l{layer}{d}" for k in ("ih", "hh") for layer in (0, 1)
+                                          for d in ("", "_reverse"))
+    # layer 1 reads both directions of layer 0: weight_ih_l1 is 3*6 x 12; 3 steps
+    assert result["weight_ih_l1"].macs_per_sample == 3 * 6 * 12 * 3

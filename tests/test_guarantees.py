@@ -455,3 +455,51 @@ def test_a_discriminator_kept_inside_the_generator_is_masked_once_as_the_discrim
     assert set(sg.masks("generator")) == {"net.0.weight", "net.2.weight"}
     assert set(sg.masks("discriminator")) == {"0.weight", "2.weight", "4.weight"}
     assert "critic.0.weight" in sg.report() and "a parameter of the discriminator" in sg.report()
+
+
+def test_an_lstm_discriminator_is_as_sparse_as_reported() -> None:
+    from tests.test_discovery import RecurrentD
+
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 40), nn.Unflatten(1, (5, 8)))
+    D = RecurrentD()
+    g_opt, d_opt = adam(G), adam(D)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.1, 0.1), latent=lambda n: torch.randn(n, 4))
+    for _ in range(3):
+        loss = F.softplus(-D(torch.randn(4, 5, 8))).mean() + F.softplus(D(G(torch.randn(4, 4)).detach())).mean()
+        d_opt.zero_grad()
+        loss.backward()
+        d_opt.step()
+    kernels = [p for n, p in D.named_parameters() if p.dim() == 2]
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in kernels) / sum(p.numel() for p in kernels)
+    assert sg.density("discriminator") == pytest.approx(0.1, abs=0.005)
+    assert nonzero == pytest.approx(sg.density("discriminator"), abs=1e-9)  # was 0.997 with the LSTM left dense
+
+
+def test_weights_left_dense_are_named_at_wrap_time_and_counted_in_the_weight_density(caplog) -> None:
+    class Opaque(nn.Module):
+        """A D whose middle weight goes through an op discovery does not know (a custom product)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(2, 8)
+            self.mix = nn.Parameter(torch.randn(8, 8) / 8)  # 64 entries, used by torch.kron below
+            self.out = nn.Linear(8 * 64, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.inp(x))
+            return self.out(torch.kron(h, self.mix.flatten()[None]).flatten(1))
+
+    torch.manual_seed(0)
+    G, _ = mlp_gan()
+    D = Opaque()
+    with caplog.at_level(logging.WARNING, logger="sparsegan.wrapper"):
+        sg = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), latent=lambda n: torch.randn(n, 8))
+    assert "discriminator: 1 weight tensor(s) stay dense" in caplog.text and "mix (used by kron)" in caplog.text
+    masks = sg.masks("discriminator")
+    active = sum(int(m.sum()) for m in masks.values())
+    # hand count: inp 16 + out 512 masked at 0.5 (ERK), mix's 64 entries all active
+    assert sum(m.numel() for m in masks.values()) == 16 + 512
+    assert sg.weight_density("discriminator") == pytest.approx((active + 64) / (16 + 512 + 64))
+    assert sg.density("discriminator") == pytest.approx(active / (16 + 512))
+    assert "all weight tensors" in sg.report()
