@@ -324,11 +324,11 @@ class SparseGANWrapper:
         except ValueError as exc:
             logger.info("FLOPs accounting is off: %s", exc)
         else:
-            for net in self._networks.values():
-                self.ledger.set_densities(net.name, self._layer_densities(net))
-        for net in self._networks.values():
-            self._register_hooks(net)
-            _WRAPPED[net.module] = net.name
+            for network in self._networks.values():
+                self.ledger.set_densities(network.name, self._layer_densities(network))
+        for network in self._networks.values():
+            self._register_hooks(network)
+            _WRAPPED[network.module] = network.name
         logger.info("wrapped: %s", self)
 
     # ------------------------------------------------------------------ construction
