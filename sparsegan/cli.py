@@ -17,6 +17,7 @@ parses arguments, reports progress and writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect as _inspect
@@ -27,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ def _bounds(text: str) -> tuple[float, float] | str:
     return lower, upper
 
 
+def _decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1) (0 disables the EMA), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1) (e.g. 0.99; 0 disables the EMA), got {text}")
+    return value
+
+
 def _shape(text: str) -> tuple[int, ...]:
     parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
     try:
@@ -147,7 +158,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, steps: int, out: str) -
     p.add_argument("--br-bounds", type=_bounds, default=DEFAULT_BR_BOUNDS,
                    help="DDST balance-ratio bounds: LOWER,UPPER, 'paper' for 0.45,0.55, or 'warmup' (default): "
                         "0.9x-1.1x of the BR of the controller's first full window; see docs/cli.md")
-    p.add_argument("--ema", type=float, default=0.99, help="G-EMA decay (default 0.99; 0 to disable)")
+    p.add_argument("--ema", type=_decay, default=0.99, help="G-EMA decay (default 0.99; 0 to disable)")
     p.add_argument("--eval-samples", type=_positive_int, default=2000,
                    help="generated images for the metrics (default 2000)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', ...")
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparse and balanced dynamic sparse training of GANs (demo, comparison, discovery dry run).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -348,30 +360,96 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(payload), indent=2, default=_json_default) + "\n")
+    _write_text(path, json.dumps(clean(payload), indent=2, default=_json_default) + "\n")
 
 
-def _out_dir(path: str) -> Path:
+def _version() -> str:
+    from sparsegan import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def _output_folder(path: str) -> Iterator[Path]:
+    """The output folder, checked writable before any training; removed again on failure if it was new and is empty.
+
+    Raises:
+        CLIError: If the path is a file, or the folder cannot be created or written to.
+    """
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {path!r} is a file, not a folder; pass a folder path")
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".sparsegan-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as exc:
-        raise CLIError(f"cannot create output folder {path!r}: {exc}") from None
-    return out
+        _remove_empty(created)
+        raise CLIError(f"cannot write to the output folder {path!r}: {exc.strerror or exc}; pass a writable --out") from None
+    try:
+        yield out
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this run created (deepest first), where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) that replaces it once the block succeeds."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def _check_configs(args: argparse.Namespace, strategies: Sequence[str]) -> None:
+    """Build every run's strategy without training, so a bad combination fails before anything is written."""
+    from sparsegan.training import build_strategy
+
+    for name in strategies:
+        config = _config(args, name, args.seed)
+        try:
+            build_strategy(config.strategy, g_density=config.g_density, d_density=config.d_density,
+                           iterations=config.iterations, schedule=config.schedule, br_bounds=config.br_bounds,
+                           g_updates=config.g_updates)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"{name}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------- demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    begin = time.perf_counter()
+    _check_configs(args, [args.strategy])
+    data = _load_data(args)
+    with _output_folder(args.out) as out:
+        return _demo(args, out, data, begin)
+
+
+def _demo(args: argparse.Namespace, out: Path, data: Any, begin: float) -> int:
     import torch
 
     from sparsegan.metrics import extract_features, inception_fid
     from sparsegan.training import generate, plot_runs, save_image_grid, train
 
-    begin = time.perf_counter()
-    out = _out_dir(args.out)
-    data = _load_data(args)
     config = _config(args, args.strategy, args.seed)
     threads = _set_threads(args, config.device)
     print(f"sparsegan demo: {args.strategy} on {data.name} ({len(data)} images, {data.image_size}px), "
@@ -396,18 +474,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         metrics = _evaluate(result, data, extractor, extract_features(extractor, data.images), n_eval)
     fid = inception_fid(data.images, generate(result.generator, min(n_eval, len(data)), config.latent_dim))
     grid = generate(result.ema_generator, 64, config.latent_dim, seed=config.seed + 20_000)
-    save_image_grid(grid, out / "samples.png")
-    save_image_grid(data.images[:64], out / "real.png")
+    with _atomic(out / "samples.png") as tmp:
+        save_image_grid(grid, tmp)
+    with _atomic(out / "real.png") as tmp:
+        save_image_grid(data.images[:64], tmp)
     bounds = _resolved_bounds(result, args.br_bounds)
-    plot_runs({args.strategy: result}, out / "balance.png", bounds=bounds)
-    torch.save({
-        "generator": result.generator.state_dict(),
-        "discriminator": result.discriminator.state_dict(),
-        "ema": result.sg.ema.module.state_dict() if result.sg.ema is not None else None,
-        "sparsegan": result.sg.state_dict(),
-        "config": config.to_dict(),
-    }, out / "checkpoint.pt")
-    (out / "report.txt").write_text(result.sg.report() + "\n")
+    with _atomic(out / "balance.png") as tmp:
+        plot_runs({args.strategy: result}, tmp, bounds=bounds)
+    with _atomic(out / "checkpoint.pt") as tmp:
+        torch.save({
+            "generator": result.generator.state_dict(),
+            "discriminator": result.discriminator.state_dict(),
+            "ema": result.sg.ema.module.state_dict() if result.sg.ema is not None else None,
+            "sparsegan": result.sg.state_dict(),
+            "config": config.to_dict(),
+        }, tmp)
+    _write_text(out / "report.txt", result.sg.report() + "\n")
     summary = result.summary()
     payload = {
         "config": config.to_dict(), "data": repr(data), "strategy": result.strategy, "summary": summary,
@@ -598,18 +680,23 @@ def _compare_worker(job: tuple[argparse.Namespace, str, int, int, dict[str, Any]
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    begin = time.perf_counter()
+    strategies = list(dict.fromkeys(args.strategies))
+    _check_configs(args, strategies)
+    if min(args.jobs, args.repeats * len(strategies)) > 1 and not _device(args.device).startswith("cpu"):
+        raise CLIError("--jobs > 1 runs on CPU only (the runs would share one accelerator); use --device cpu or --jobs 1")
+    data = _load_data(args)
+    with _output_folder(args.out) as out:
+        return _compare(args, out, data, strategies, begin)
+
+
+def _compare(args: argparse.Namespace, out: Path, data: Any, strategies: list[str], begin: float) -> int:
     from sparsegan.metrics import extract_features
     from sparsegan.training import plot_runs, save_image_grid
 
-    begin = time.perf_counter()
-    out = _out_dir(args.out)
-    data = _load_data(args)
-    strategies = list(dict.fromkeys(args.strategies))
     threads = _set_threads(args, _device(args.device))
     jobs = [(name, args.seed + repeat) for repeat in range(args.repeats) for name in strategies]
     workers = min(args.jobs, len(jobs))
-    if workers > 1 and not _device(args.device).startswith("cpu"):
-        raise CLIError("--jobs > 1 runs on CPU only (the runs would share one accelerator); use --device cpu or --jobs 1")
     per_worker = max(1, threads // workers)
     print(f"sparsegan compare: {', '.join(strategies)} on {data.name} ({len(data)} images, {data.image_size}px), "
           f"G density {args.g_density}, {args.steps} iterations x {args.repeats} seed(s), "
@@ -623,7 +710,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         rows[run.name].append(run.record)
         if run.samples is not None:
             curves[run.name] = run
-            save_image_grid(run.samples, out / f"samples_{run.name}.png")
+            with _atomic(out / f"samples_{run.name}.png") as tmp:
+                save_image_grid(run.samples, tmp)
         g = run.record["metrics"]["generator"]
         summary = run.record["summary"]
         print(f"  {run.name:12s} seed {run.seed}: FD {g['fd']:.3f}  D density {summary['d_density']:.3f}  "
@@ -644,14 +732,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             finished(_compare_one(args, name, seed, data, extractor, real_features, progress=not args.no_progress))
     table = compare_table(rows)
     bounds = args.br_bounds
-    plot_runs(curves, out / "compare.png", bounds=None if bounds == "warmup" else bounds)
+    with _atomic(out / "compare.png") as tmp:
+        plot_runs(curves, tmp, bounds=None if bounds == "warmup" else bounds)
     header = (f"G density {args.g_density}, {args.steps} iterations (n_critic {args.n_critic}, batch {args.batch_size}, "
               f"width {args.channels}), data {data.name} {data.image_size}px, {args.repeats} seed(s) from {args.seed}, "
               f"schedule {args.schedule}{f' (G update intervals {args.g_updates})' if args.schedule == 'compressed' else ''}, "
               f"BR bounds {bounds}; FD/KID on digits-classifier features "
               f"(extractor accuracy {extractor.accuracy:.3f}), {args.eval_samples} samples; FLOPs are training FLOPs "
               "relative to dense.")
-    (out / "compare.md").write_text(header + "\n\n" + table + "\n")
+    _write_text(out / "compare.md", header + "\n\n" + table + "\n")
     _write_json(out / "compare.json", {"args": {k: v for k, v in vars(args).items() if k != "func"},
                                        "runs": rows, "extractor_accuracy": extractor.accuracy,
                                        "wall_time_total_s": time.perf_counter() - begin})
@@ -695,7 +784,12 @@ def load_target(target: str) -> Any:
         try:
             module = importlib.import_module(module_path)
         except ModuleNotFoundError as exc:
-            raise CLIError(f"cannot import module {module_path!r}: {exc}") from None
+            missing = exc.name or ""
+            if missing and not (module_path == missing or module_path.startswith(missing + ".")):
+                raise CLIError(f"importing {module_path!r} failed because it imports {missing!r}, which is not "
+                               f"installed here (pip install {missing.split('.')[0]})") from None
+            raise CLIError(f"cannot import module {module_path!r}: {exc} (is it installed, or on the path? run "
+                           "sparsegan from the folder that holds it, or pass a .py file)") from None
         except Exception as exc:  # noqa: BLE001
             raise CLIError(f"importing {module_path!r} failed: {type(exc).__name__}: {exc}") from None
     obj: Any = module

@@ -264,3 +264,67 @@ def test_thread_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         assert choose_threads("auto") == 8  # the user's explicit setting wins
     finally:
         torch.set_num_threads(previous)
+
+
+def test_bad_arguments_fail_before_any_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--ema", "1.5", "--out", str(out)])
+    assert exc.value.code == 2 and "expected a decay in [0, 1)" in capsys.readouterr().err
+    # a combination only the strategy can refuse (strict's D starts above its 0.5 cap) fails before
+    # the header is printed and before the folder is made
+    assert main(["demo", "--strategy", "ddst-strict", "--d-density", "0.9", *_tiny(out)]) == 2
+    captured = capsys.readouterr()
+    assert "sparsegan demo:" not in captured.out and "ddst-strict:" in captured.err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unusable_out_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["demo", *_tiny(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["compare", "--strategies", "static", *_tiny(a_file / "sub")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot write to the output folder" in captured.err and "sparsegan compare:" not in captured.out
+
+
+def test_a_failed_run_leaves_no_empty_folder_and_no_partial_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sparsegan.training
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sparsegan.training, "train", broken)
+    out = tmp_path / "fresh" / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["demo", *_tiny(out)])
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_outputs_are_written_atomically(tmp_path: Path) -> None:
+    from sparsegan.cli import _atomic
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), _atomic(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    with _atomic(target) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent == tmp_path
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_version_and_import_errors_that_say_why(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsegan import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"sparsegan {__version__}"
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "needs_dep:Net"]) == 2
+    assert "because it imports 'no_such_dependency_xyz', which is not installed" in capsys.readouterr().err
