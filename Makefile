@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch and torchvision wheels that lie on this machine's disk (see DEVELOPERS.md).
+# torch and torchvision versions the project is tested with (pip installs them first; override with
+# `make TORCH_SPEC=... test`).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test docs bench clean

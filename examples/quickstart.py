@@ -4,7 +4,8 @@ Trains a small MLP GAN on a ring of 8 Gaussians (data made here, nothing downloa
 dynamic sparse training on the generator (10% density) and static masks on the discriminator,
 then prints the discovery/density report and a crude mode-coverage check.
 
-Run: ``make demo`` (or ``python examples/quickstart.py --steps 600``).
+Run: ``python examples/quickstart.py --steps 600`` (after ``make test`` or ``pip install -e .``;
+``make demo`` runs the command-line demo instead, not this script).
 """
 
 from __future__ import annotations

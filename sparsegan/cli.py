@@ -284,10 +284,11 @@ def _load_data(args: argparse.Namespace) -> Any:
 
 
 def _config(args: argparse.Namespace, strategy: str, seed: int) -> Any:
-    from sparsegan.training import TrainConfig
+    from sparsegan.training import TrainConfig, default_d_density
 
-    return TrainConfig(
-        strategy=strategy, g_density=args.g_density, d_density=args.d_density, iterations=args.steps,
+    d_density = args.d_density if args.d_density is not None else default_d_density(strategy, args.g_density)
+    return TrainConfig(  # the D density is resolved here, so metrics.json records the one used
+        strategy=strategy, g_density=args.g_density, d_density=d_density, iterations=args.steps,
         n_critic=args.n_critic, batch_size=args.batch_size, g_channels=args.channels, d_channels=args.channels,
         d_pooling=args.d_pooling,
         ema=args.ema if args.ema and args.ema > 0 else None, schedule=args.schedule, g_updates=args.g_updates, seed=seed,
@@ -479,8 +480,10 @@ def _demo(args: argparse.Namespace, out: Path, data: Any, begin: float) -> int:
     with _atomic(out / "real.png") as tmp:
         save_image_grid(data.images[:64], tmp)
     bounds = _resolved_bounds(result, args.br_bounds)
+    controller = getattr(result.sg.algorithm("discriminator"), "controller", None)
+    cap = controller.max_density if controller is not None and controller.mode == "strict" else None
     with _atomic(out / "balance.png") as tmp:
-        plot_runs({args.strategy: result}, tmp, bounds=bounds)
+        plot_runs({args.strategy: result}, tmp, bounds=bounds, d_cap=cap)
     with _atomic(out / "checkpoint.pt") as tmp:
         torch.save({
             "generator": result.generator.state_dict(),
@@ -517,7 +520,10 @@ def _demo(args: argparse.Namespace, out: Path, data: Any, begin: float) -> int:
     if hint:
         lines.append(hint)
     lines.append(f"wall time: {result.wall_time:.1f}s training, {time.perf_counter() - begin:.1f}s total")
-    lines.append(f"wrote {out}/samples.png, real.png, balance.png, metrics.json, checkpoint.pt, report.txt")
+    lines.append(f"wrote {out}/samples.png (64 samples of the EMA generator), real.png, balance.png, metrics.json, "
+                 "checkpoint.pt, report.txt" if result.sg.ema is not None else
+                 f"wrote {out}/samples.png (64 samples of G), real.png, balance.png, metrics.json, checkpoint.pt, "
+                 "report.txt")
     print("\n".join(lines))
     return 0
 

@@ -614,14 +614,15 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], *, nrow:
 
 
 def plot_runs(runs: Mapping[str, RunCurves], path: str | os.PathLike[str], *,
-              bounds: tuple[float, float] | None = (0.45, 0.55)) -> None:
+              bounds: tuple[float, float] | None = (0.45, 0.55), d_cap: float | None = None) -> None:
     """Plot the balance ratio (with its bounds) and the G/D densities over training, one line per run.
 
     Args:
         runs: Runs by label: :class:`TrainResult` objects, or anything with their ``history`` and
             ``balance`` attributes (see :class:`RunCurves`).
         path: Output PNG.
-        bounds: BR bounds to shade (``None``: none).
+        bounds: BR bounds to shade and name in the legend (``None``: none).
+        d_cap: D's density cap to mark (DDST-strict's 0.5; ``None``: none).
     """
     import matplotlib
 
@@ -649,6 +650,8 @@ def plot_runs(runs: Mapping[str, RunCurves], path: str | os.PathLike[str], *,
     ax_br.set_ylabel("balance ratio")
     ax_br.set_title("Balance ratio (faint: per sample) and densities")
     ax_br.legend(fontsize="small", loc="best")
+    if d_cap is not None:
+        ax_d.axhline(d_cap, color="black", linestyle=":", linewidth=1, label=f"strict cap {d_cap:g}")
     ax_d.set_ylabel("density")
     ax_d.set_xlabel("iteration (G step)")
     ax_d.set_ylim(0, 1.05)

@@ -47,6 +47,7 @@ def test_demo_writes_samples_plots_metrics_and_checkpoint(tmp_path: Path, capsys
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["strategy"] == "ddst-strict"
+    assert metrics["config"]["d_density"] == 0.1  # the D density used (G's), not null
     assert metrics["summary"]["g_density"] == pytest.approx(0.1, abs=0.01)
     assert 0 < metrics["summary"]["flops_ratio"]["total"] < 1
     assert metrics["metrics"]["generator"]["fd"] > 0 and "kid_mean" in metrics["metrics"]["ema"]
@@ -56,6 +57,7 @@ def test_demo_writes_samples_plots_metrics_and_checkpoint(tmp_path: Path, capsys
     assert {"generator", "discriminator", "ema", "sparsegan", "config"} <= set(checkpoint)
     text = capsys.readouterr().out
     assert "training FLOPs vs dense" in text and "digits FD" in text
+    assert "samples.png (64 samples of the EMA generator)" in text
 
 
 def test_demo_on_a_users_npz_with_a_static_strategy(tmp_path: Path) -> None:
