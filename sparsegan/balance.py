@@ -202,6 +202,10 @@ class BalanceProbe:
         estimator: ``"step"`` or ``"fresh"``.
         batch_size: Latents per ``"fresh"`` sample; defaults to the real batch's size.
         seed: Seed of the probe's own random generator.
+        d_inputs: ``images -> D's positional inputs`` (a tensor or a tuple), for a D that takes
+            more than the image, e.g. ``lambda x: (x, D.real_images_to_rgbs(x))``. When given,
+            every D call the probe makes goes through it (the replayed G'(z), a batch from
+            ``real``, the fresh estimator), instead of replaying the loop's extra arguments.
 
     Limits: the probe runs G and D in whatever train/eval mode they are in (BatchNorm batch
     statistics in training, as in the training step itself); ``"fresh"`` calls D with one
@@ -211,7 +215,8 @@ class BalanceProbe:
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: Callable[[int], Any] | None = None,
                  real: Iterable[Any] | Callable[[int], Any] | None = None, *, estimator: BalanceEstimator = "step",
-                 batch_size: int | None = None, seed: int = 0) -> None:
+                 batch_size: int | None = None, seed: int = 0,
+                 d_inputs: Callable[[torch.Tensor], Any] | None = None) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"balance-ratio estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if latent is not None and not callable(latent):
@@ -225,6 +230,9 @@ class BalanceProbe:
         self.latent, self.real = latent, real
         self.estimator: BalanceEstimator = estimator
         self.batch_size = batch_size
+        if d_inputs is not None and not callable(d_inputs):
+            raise TypeError("d_inputs must be a callable images -> D's positional inputs")
+        self.d_inputs = d_inputs
         self.rng = torch.Generator().manual_seed(seed)
         self._iterator: Iterator[Any] | None = None
         self._pending: tuple[Callable[[], Any], tuple[Any, ...], dict[str, Any], float, _Call] | None = None
@@ -353,6 +361,30 @@ class BalanceProbe:
                             "probe needs D's score")
         return score
 
+    def _score(self, images: Any, rest: tuple[Any, ...] = (), rest_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """D's score of an image batch: through ``d_inputs`` when given, else with the loop's extra arguments."""
+        if self.d_inputs is not None:
+            return self._d(*as_args(self.d_inputs(images)))
+        return self._d(images, *rest, **(rest_kwargs or {}))
+
+    def check_discriminator(self, images: torch.Tensor) -> None:
+        """Score an example image batch the way the probe will, so a D it cannot call fails at wrap time.
+
+        Raises:
+            TypeError: If D cannot be called on ``images`` alone (or on ``d_inputs(images)``), with the fix.
+        """
+        try:
+            with isolated_rng(), self._replay():
+                self._score(images)
+        except TypeError as exc:
+            how = "on d_inputs(images)" if self.d_inputs is not None else "on an image batch alone"
+            raise TypeError(
+                f"the balance-ratio probe calls the discriminator {how}, and that call fails: {exc}. Pass "
+                "d_inputs=lambda x: (x, ...) to map an image batch to D's inputs (e.g. lambda x: (x, "
+                "D.real_images_to_rgbs(x))), or br_estimator='step' without real= to replay the loop's own D "
+                "calls, or br_estimator=None and sg.observe(...)"
+            ) from None
+
     def _g(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _first_tensor(self.generator(*args, **kwargs))
 
@@ -394,23 +426,23 @@ class BalanceProbe:
         if fake is not None and fake.output is not None:
             before = _mean(fake.output)
             rest, rest_kwargs = fake.args[1:], fake.kwargs
-        elif any(len(c.args) > 1 or c.kwargs for c in self._d_calls):
+        elif self.d_inputs is None and any(len(c.args) > 1 or c.kwargs for c in self._d_calls):
             # D takes more than the image (a label): without D's own call on G's output, what to pass is unknown
             return self._unmatched("D was not called on G's output in this G step and takes more than the image. "
                                    "Pass G's output to D as it is, or feed sg.observe(...)")
         else:  # the loop scored something else than G's output (an augmentation, a clone): score it here
             with self._replay():
-                before = _mean(self._d(self._g(call.args, call.kwargs)))
+                before = _mean(self._score(self._g(call.args, call.kwargs)))
             rest, rest_kwargs = (), {}
         real_call = self._real_call
         if real_call is not None:
             real = lambda: self._d(*real_call.args, **real_call.kwargs)  # noqa: E731  # called after G's step
-        elif self.real is not None and (rest or rest_kwargs):
+        elif self.real is not None and (rest or rest_kwargs) and self.d_inputs is None:
             return self._unmatched("the D step's real batch could not be identified, and a batch from real= "
                                    "cannot be scored by a D that takes more than the image")
         elif self.real is not None:
             batch = self._real_batch()
-            real = lambda: self._d(batch)  # noqa: E731  # called after G's step
+            real = lambda: self._score(batch)  # noqa: E731  # called after G's step
         else:
             logger.warning("balance-ratio probe: no real batch for this sample (the D step's real batch could "
                            "not be identified and no real= was given); sample skipped")
@@ -432,8 +464,8 @@ class BalanceProbe:
         with self._seeded():
             z = as_args(to_module(self.latent(n), self.generator))
         with self._replay():
-            before = _mean(self._d(self._g(z, {})))
-        self._pending = (lambda: self._d(real_batch), z, {}, before, _Call((), {}))
+            before = _mean(self._score(self._g(z, {})))
+        self._pending = (lambda: self._score(real_batch), z, {}, before, _Call((), {}))
         return True
 
     def after_step(self) -> tuple[float, float, float] | None:
@@ -443,7 +475,7 @@ class BalanceProbe:
         real, args, kwargs, before, rest = self._pending
         self._pending = None
         with self._replay():
-            after = _mean(self._d(self._g(args, kwargs), *rest.args, **rest.kwargs))
+            after = _mean(self._score(self._g(args, kwargs), rest.args, rest.kwargs))
             real_score = _mean(real())
         return real_score, before, after
 

@@ -228,6 +228,11 @@ class SparseGANWrapper:
             ``"step"`` probe replays the keywords of the loop's own calls; the ``"fresh"`` probe
             calls G with ``latent``'s positional arguments only, so such a G needs ``"step"``.
         d_example_kwargs: Keyword arguments of D's example call.
+        d_inputs: ``images -> D's positional inputs`` for a D that takes more than the image
+            (e.g. ``lambda x: (x, D.real_images_to_rgbs(x))``). It makes D's discovery example from
+            G's output, and the balance-ratio probe scores every image batch through it. Without
+            it, a probe that would have to call such a D on an image alone (``"fresh"``, or
+            ``real=`` given) is refused at wrap time.
         include: Only mask discovered weights matching this glob / list / callable; or a dict
             ``{"generator": ..., "discriminator": ...}``.
         exclude: Never mask discovered weights matching this (same forms as ``include``).
@@ -262,6 +267,7 @@ class SparseGANWrapper:
         d_example_inputs: Any = None,
         g_example_kwargs: Mapping[str, Any] | None = None,
         d_example_kwargs: Mapping[str, Any] | None = None,
+        d_inputs: Callable[[torch.Tensor], Any] | None = None,
         include: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
         exclude: ParameterFilter | Mapping[str, ParameterFilter] | None = None,
         optimizer_state: OptimizerStatePolicy = "reset",
@@ -286,8 +292,11 @@ class SparseGANWrapper:
         if modules["generator"] is modules["discriminator"]:
             raise ValueError("generator and discriminator are the same module")
         self.seed = int(seed)
+        if d_inputs is not None and not callable(d_inputs):
+            raise TypeError("d_inputs must be a callable images -> D's positional inputs (a tensor or a tuple)")
         examples = self._examples(modules["generator"], modules["discriminator"], latent, g_example_inputs,
-                                  d_example_inputs, g_example_kwargs, d_example_kwargs)
+                                  d_example_inputs, g_example_kwargs, d_example_kwargs, d_inputs)
+        image = examples.pop("image")[0]
         algorithms = self.strategy.build()
         self._networks: dict[str, _Network] = {}
         for index, net in enumerate(NETWORKS):
@@ -310,7 +319,10 @@ class SparseGANWrapper:
             raise ValueError(f"br_estimator must be 'step', 'fresh' or None, got {br_estimator!r}")
         if br_estimator == "fresh" or (br_estimator == "step" and (needs_br or real is not None)):
             self._probe = BalanceProbe(modules["generator"], modules["discriminator"], latent, real,
-                                       estimator=br_estimator, batch_size=probe_batch_size, seed=self.seed + 2)
+                                       estimator=br_estimator, batch_size=probe_batch_size, seed=self.seed + 2,
+                                       d_inputs=d_inputs)
+            if isinstance(image, torch.Tensor) and (br_estimator == "fresh" or real is not None or d_inputs is not None):
+                self._probe.check_discriminator(to_module(image, modules["discriminator"]))
             self._probe_handles = self._probe.attach()
         elif needs_br:
             logger.warning("%s steers D's density by the balance ratio, but br_estimator=None: call "
@@ -336,7 +348,8 @@ class SparseGANWrapper:
     @staticmethod
     def _examples(g_module: nn.Module, d_module: nn.Module, latent: Callable[[int], Any] | None, g_example: Any,
                   d_example: Any, g_kwargs: Mapping[str, Any] | None = None,
-                  d_kwargs: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, dict[str, Any]]]:
+                  d_kwargs: Mapping[str, Any] | None = None,
+                  d_inputs: Callable[[torch.Tensor], Any] | None = None) -> dict[str, tuple[Any, dict[str, Any]]]:
         """Example ``(inputs, kwargs)`` per network, moved to its device and floating dtype.
 
         Raises:
@@ -365,9 +378,15 @@ class SparseGANWrapper:
                 ) from None
             d_example = out if isinstance(out, torch.Tensor) else next(
                 (x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)), None)
+            image = d_example
+            if d_inputs is not None and d_example is not None:
+                with preserved_state(d_module), torch.no_grad():
+                    d_example = d_inputs(to_module(d_example, d_module))
+        else:
+            image = as_args(d_example)[0] if d_example is not None and as_args(d_example) else None
         if d_example is not None:
             d_example = to_module(d_example, d_module)
-        return {"generator": (g_example, g_kw), "discriminator": (d_example, d_kw)}
+        return {"generator": (g_example, g_kw), "discriminator": (d_example, d_kw), "image": (image, {})}
 
     def _build_network(
         self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer,

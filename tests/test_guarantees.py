@@ -503,3 +503,61 @@ def test_weights_left_dense_are_named_at_wrap_time_and_counted_in_the_weight_den
     assert sg.weight_density("discriminator") == pytest.approx((active + 64) / (16 + 512 + 64))
     assert sg.density("discriminator") == pytest.approx(active / (16 + 512))
     assert "all weight tensors" in sg.report()
+
+
+class _TwoInputD(nn.Module):
+    """A D called as ``D(images, rgbs)``, where ``rgbs`` is derived from the images (a multi-scale input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Linear(2, 8)
+        self.side = nn.Linear(2, 8)
+        self.out = nn.Linear(8, 1)
+
+    @staticmethod
+    def images_to_rgbs(x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
+
+    def forward(self, images: torch.Tensor, rgbs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.main(images) + self.side(rgbs)))
+
+
+@pytest.mark.parametrize("estimator", ["fresh", "step"])
+def test_a_probe_that_cannot_call_a_two_input_discriminator_is_refused_at_wrap_time(estimator: str) -> None:
+    torch.manual_seed(0)
+    G, _ = mlp_gan(latent=LATENT)
+    D = _TwoInputD()
+    x = torch.randn(2, 2)
+    with pytest.raises(TypeError, match=r"the balance-ratio probe calls the discriminator on an image batch alone.*"
+                                        r"d_inputs=lambda x: \(x, \.\.\.\)"):
+        SparseGANWrapper(G, D, adam(G), adam(D), strategy=DDST(0.5, 0.5), latent=lambda n: torch.randn(n, LATENT),
+                         d_example_inputs=(x, D.images_to_rgbs(x)), real=lambda n: torch.randn(n, 2),
+                         br_estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", ["fresh", "step"])
+def test_d_inputs_feed_discovery_and_every_probe_call(estimator: str) -> None:
+    torch.manual_seed(0)
+    G, _ = mlp_gan(latent=LATENT)
+    D = _TwoInputD()
+    seen: list[int] = []
+    D.register_forward_pre_hook(lambda m, args: seen.append(len(args)))
+    g_opt, d_opt = adam(G), adam(D)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=DDST(0.5, 0.5, br_every=1, br_window=5),
+                          latent=lambda n: torch.randn(n, LATENT), real=lambda n: torch.randn(n, 2) + 1,
+                          d_inputs=lambda x: (x, D.images_to_rgbs(x)), br_estimator=estimator)
+    assert set(sg.masks("discriminator")) == {"main.weight", "side.weight", "out.weight"}  # side was reached
+    for _ in range(3):
+        real = torch.randn(8, 2) + 1
+        fake = G(torch.randn(8, LATENT))
+        d_loss = (F.softplus(-D(real, D.images_to_rgbs(real))).mean()
+                  + F.softplus(D(fake.detach(), D.images_to_rgbs(fake.detach()))).mean())
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        g_loss = F.softplus(-D(fake, D.images_to_rgbs(fake))).mean()
+        g_opt.zero_grad()
+        g_loss.backward()
+        g_opt.step()
+    assert len(sg.balance) == 3 and math.isfinite(sg.balance_ratio)
+    assert set(seen) == {2}  # every D call, the probe's included, had both inputs
