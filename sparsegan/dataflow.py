@@ -69,6 +69,12 @@ SIZE_PRESERVING = {
     "contiguous", "clone", "to", "type", "float", "half", "bfloat16", "double", "neg", "movedim",
 }
 BINARY_PASS = {"mul", "div", "truediv", "add", "sub", "addcmul"}
+# Reads of a tensor's metadata (``x.shape``, ``x.size(1)``, einops' shape parsing): they use no
+# values, so they are no reason why a weight was not followed.
+METADATA_READS = {"get", "size", "dim", "numel", "stride", "len", "is_contiguous", "element_size", "data_ptr",
+                  "is_floating_point", "is_complex", "ndimension", "nelement"}
+REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "max", "min", "logsumexp", "std", "var", "norm", "nansum",
+              "nanmean", "median", "cumsum"}
 _REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
              "rmatmul": "matmul"}
 
@@ -214,10 +220,24 @@ def propagate(
                 else:
                     out.append((pid, via + (op,)))
         return out
+    if op in METADATA_READS:
+        return []
+    reason = _reduction_reason(op, slots) if op in REDUCTIONS else f"used by {op}"
     for _, value in slots:
         for pid, _via in tracked(value):
-            flow.consumed(pid, f"used by {op}")
+            flow.consumed(pid, reason)
     return []
+
+
+def _reduction_reason(op: str, slots: list[tuple[int | str, Any]]) -> str:
+    """``"sum over dim 1"``: a reduction, with the axes it reduces when the call names them."""
+    # flat_slots spreads a tuple of dims over several entries of the same slot
+    dims = [v for slot, v in slots if slot in (1, "dim", "axis") and isinstance(v, int) and not isinstance(v, bool)]
+    if len(dims) == 1:
+        return f"{op} over dim {dims[0]} (a reduction discovery does not follow)"
+    if dims:
+        return f"{op} over dims {', '.join(map(str, dims))} (a reduction discovery does not follow)"
+    return f"{op} over all dims (a reduction discovery does not follow)"
 
 
 def _per_sample_modulation(value: Any, slots: list[tuple[int | str, Any]],

@@ -660,6 +660,17 @@ def _apply_filters(
             skipped.append(SkippedParameter(record.name, record.shape, "excluded by exclude="))
         else:
             kept.append(record)
+    if include is not None:
+        named = [s for s in skipped if s.name in by_name and by_name[s.name].dim() >= 2
+                 and s.reason != "not matched by include=" and _matches(s.name, by_name[s.name], include)]
+        if named:
+            listed = "; ".join(f"{s.name!r} ({s.reason})" for s in named[:6])
+            raise DiscoveryError(
+                f"include= names {len(named)} parameter(s) that discovery did not find as kernel weights: {listed}. "
+                "sparsegan masks only weights it can follow into a conv, linear, matmul or RNN op, which fixes the "
+                "mask's geometry and the FLOPs it saves; it cannot mask these. Let the weight reach such an op "
+                "(an nn module, or F.conv2d / F.linear / a matmul on the parameter), or leave it out of include="
+            )
     if include is not None and not callable(include):
         patterns = [include] if isinstance(include, str) else list(include)
         for pattern in patterns:

@@ -383,3 +383,49 @@ def test_every_layer_and_direction_of_a_gru_is_found() -> None:
                                           for d in ("", "_reverse"))
     # layer 1 reads both directions of layer 0: weight_ih_l1 is 3*6 x 12; 3 steps
     assert result["weight_ih_l1"].macs_per_sample == 3 * 6 * 12 * 3
+
+
+class KernelBank(nn.Module):
+    """N kernels mixed per sample by softmax weights, then one grouped conv (plain torch or einops)."""
+
+    def __init__(self, use_einops: bool = False, n: int = 4, cin: int = 3, cout: int = 5, k: int = 3) -> None:
+        super().__init__()
+        self.bank = nn.Parameter(torch.randn(n, cout, cin, k, k) * 0.1)
+        self.to_mix = nn.Linear(6, n)
+        self.use_einops, self.shape = use_einops, (n, cout, cin, k)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        n, cout, cin, k = self.shape
+        mix = F.softmax(self.to_mix(w), -1)
+        if self.use_einops:
+            import einops
+
+            bank = einops.repeat(self.bank, "n o i h w -> b n o i h w", b=b)
+            kernel = einops.reduce(bank * mix[:, :, None, None, None, None], "b n o i h w -> b o i h w", "sum")
+            kernel = einops.rearrange(kernel, "b o i h w -> (b o) i h w")
+        else:
+            bank = self.bank.unsqueeze(0).expand(b, -1, -1, -1, -1, -1)
+            kernel = (bank * mix[:, :, None, None, None, None]).sum(1).reshape(b * cout, cin, k, k)
+        out = F.conv2d(x.reshape(1, b * cin, *x.shape[2:]), kernel, padding=1, groups=b)
+        return out.reshape(b, cout, *x.shape[2:])
+
+
+@pytest.mark.parametrize("use_einops", [False, True])
+@pytest.mark.parametrize("method", ["export", "runtime"])
+def test_a_kernel_bank_is_skipped_with_the_reduction_that_stopped_it(use_einops, method) -> None:
+    result = discover(KernelBank(use_einops), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=(method,))
+    reason = {s.name: s.reason for s in result.skipped}["bank"]
+    # the reduction that stopped it, not a harmless .shape read ("used by get"); einops sums a
+    # permuted copy, so the axis torch sees there is the last one
+    assert reason == f"sum over dim {5 if use_einops else 1} (a reduction discovery does not follow)"
+
+
+def test_include_naming_a_weight_discovery_could_not_follow_is_refused() -> None:
+    with pytest.raises(DiscoveryError, match=r"include= names 1 parameter\(s\) that discovery did not find as "
+                                             r"kernel weights: 'bank' \(sum over dim 1"):
+        discover(KernelBank(), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
+                 include=["bank", "to_mix.weight"])
+    found = discover(KernelBank(), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
+                     include="to_mix.*")
+    assert found.names == ["to_mix.weight"]
