@@ -858,6 +858,20 @@ class SparseGANWrapper:
         if self.ema is not None and state.get("ema") is not None:
             with _checking("G-EMA"):
                 self.ema.load_state_dict(state["ema"])
+        self._warn_resume_limits(state)
+
+    def _warn_resume_limits(self, state: Mapping[str, Any]) -> None:
+        """Say what a load could not carry over, so a resumed run is not silently different."""
+        if state.get("ema") is not None and self.ema is None:
+            logger.warning("the state dict holds a G-EMA copy, but this wrapper has no g_ema: the EMA copy is "
+                           "not loaded (wrap with g_ema=... to keep it)")
+        elif state.get("ema") is None and self.ema is not None:
+            logger.warning("the state dict holds no G-EMA copy: the EMA starts again from the current generator")
+        probe = self._probe
+        if probe is not None and probe.real is not None and not callable(probe.real):
+            logger.warning("the balance-ratio probe's real= iterable starts again from its first batch after a load "
+                           "(an iterator's position cannot be saved), so samples that use it differ from an "
+                           "uninterrupted run; pass real= as a seeded callable n -> batch for an exact resume")
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         """Everything :meth:`load_state_dict` checks before it changes anything.

@@ -561,3 +561,17 @@ def test_d_inputs_feed_discovery_and_every_probe_call(estimator: str) -> None:
         g_opt.step()
     assert len(sg.balance) == 3 and math.isfinite(sg.balance_ratio)
     assert set(seen) == {2}  # every D call, the probe's included, had both inputs
+
+
+def test_a_load_says_what_it_cannot_carry_over(caplog) -> None:
+    torch.manual_seed(0)
+    G, D = mlp_gan(latent=LATENT)
+    sg = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5), g_ema=0.9)
+    state = sg.state_dict()
+    sg.remove()
+    with caplog.at_level(logging.WARNING, logger="sparsegan.wrapper"):
+        plain = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.5, 0.5),
+                                 real=[torch.randn(4, 2) for _ in range(3)])
+        plain.load_state_dict(state)
+    assert "holds a G-EMA copy, but this wrapper has no g_ema" in caplog.text
+    assert "real= iterable starts again from its first batch" in caplog.text
