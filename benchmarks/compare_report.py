@@ -15,7 +15,7 @@ strategy and seed and prints, in Markdown:
 
 Run from the repository root::
 
-    python -m benchmarks.compare_report results/compare/eval-1000/*/compare.json
+    python -m benchmarks.compare_report results/compare/g01-1000/*/compare.json
 """
 
 from __future__ import annotations
