@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 # `make TORCH_SPEC=... test`).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test lint docs bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile requirements/testbed.txt requirements/testbed-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test,demo,docs]"
+	$(BIN)/python -m pip install -q -e ".[test,demo,docs,lint]"
 	$(BIN)/python -m pip install -q --no-deps -r requirements/testbed-nodeps.txt
 	$(BIN)/python -m pip install -q -r requirements/testbed.txt
 	touch $@
@@ -25,6 +25,10 @@ bench: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check sparsegan tests benchmarks examples adapters
+	$(BIN)/mypy
 
 docs: $(BIN)/.installed
 	$(BIN)/mkdocs build --strict

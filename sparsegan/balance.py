@@ -104,7 +104,7 @@ class BalanceRatio:
             return None
         sample = (after - before) / (real - before)
         self._samples.append(sample)
-        self.history.append((step, sample, self.value))  # type: ignore[arg-type]
+        self.history.append((step, sample, self.value))  # type: ignore[arg-type]  # value is set: a sample was just added
         return sample
 
     @property
@@ -126,7 +126,7 @@ class BalanceRatio:
         if state["window"] != self.window:
             raise ValueError(f"saved BR window is {state['window']}, this one is {self.window}")
         self._samples = deque(state["samples"], maxlen=self.window)
-        self.history = [tuple(h) for h in state["history"]]  # type: ignore[misc]
+        self.history = [tuple(h) for h in state["history"]]
         self.skipped = int(state["skipped"])
 
     def __repr__(self) -> str:

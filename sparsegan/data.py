@@ -284,9 +284,8 @@ def load_image_folder(folder: str | os.PathLike[str], *, image_size: int = 32, c
     if channels is None:
         channels = 1 if all(img.mode in grey_modes for img in loaded) else 3
     tensors = []
-    for img in loaded:
-        img = img.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(img, dtype=np.uint8)
+    for picture in loaded:
+        arr = np.asarray(picture.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         tensors.append(images_to_tensor(arr[None], image_size=size, channels=channels))
     images = torch.cat(tensors)
     logger.info("loaded %d images from %s", len(images), path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -253,11 +253,12 @@ def _per_sample_modulation(value: Any, slots: list[tuple[int | str, Any]],
     if shape is None:
         return False
     own = shape(value)
-    shapes = [shape(v) for _, v in slots if not isinstance(v, (bool, int, float, complex))]
-    if own is None or any(s is None for s in shapes):
+    maybe = [shape(v) for _, v in slots if not isinstance(v, (bool, int, float, complex))]
+    shapes = [s for s in maybe if s is not None]
+    if own is None or len(shapes) != len(maybe):
         return False
     try:
-        out = tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))  # type: ignore[misc]
+        out = tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
     except (RuntimeError, TypeError, ValueError):
         return False
     own = tuple(own)
@@ -290,7 +291,8 @@ def base_type(module: nn.Module) -> type:
 def kernel_weight_of(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
     """The local name of the parameter behind ``module.weight`` and the transforms in between."""
     if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations["weight"]
+        # a ParametrizationList (a ModuleList) under module.parametrizations, by is_parametrized
+        plist = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"])
         if "original" in plist._parameters:
             names = tuple(type(p).__name__.lstrip("_").lower() for p in plist)
             return "parametrizations.weight.original", names
@@ -335,8 +337,8 @@ def module_kernels(module: nn.Module) -> dict[int, tuple[str, tuple[str, ...]]]:
                 found[id(param)] = (op, ())
         kernel = MODULE_KERNELS.get(base_type(sub))
         weight = kernel_weight_of(sub) if kernel is not None else None
-        if weight is not None:
-            found[id(sub.get_parameter(weight[0]))] = (kernel, weight[1])  # type: ignore[assignment]
+        if kernel is not None and weight is not None:
+            found[id(sub.get_parameter(weight[0]))] = (kernel, weight[1])
     return found
 
 

@@ -365,7 +365,7 @@ class _RuntimeRecorder(TorchFunctionMode):
     def _tracked(self, value: Any) -> list[tuple[int, tuple[str, ...]]]:
         return self.values.get(id(value), []) if isinstance(value, torch.Tensor) else []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not torch.is_grad_enabled():
@@ -615,8 +615,9 @@ def _records(
             macs = 0  # the example forward does not run it: it costs nothing there
         elif macs_flow is not None:
             rt_uses = [u for u in macs_flow.uses.get(pid, []) if _is_matmul_label(u.op) == _is_matmul_label(primary[0].op)]
-            if rt_uses and all(u.macs is not None for u in rt_uses):
-                macs = sum(int(u.macs) for u in rt_uses) // max(batch, 1)  # type: ignore[misc]
+            known = [u.macs for u in rt_uses if u.macs is not None]
+            if rt_uses and len(known) == len(rt_uses):
+                macs = sum(known) // max(batch, 1)
         weights.append(WeightRecord(
             name=names[0], shape=shape, op=primary[0].op, method=method_used, via=primary[0].via,
             aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary),

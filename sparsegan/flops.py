@@ -82,7 +82,7 @@ def layer_flops(records: Sequence[WeightRecord]) -> list[LayerFlops]:
             "discovery; pass latent=... (or g_example_inputs=... / d_example_inputs=...) to "
             "SparseGANWrapper, or example_inputs=... to sparsegan.discover"
         )
-    return [LayerFlops(r.name, 2 * int(r.macs_per_sample)) for r in records]  # type: ignore[arg-type]
+    return [LayerFlops(r.name, 2 * int(r.macs_per_sample or 0)) for r in records]  # None ruled out above
 
 
 def dense_forward_flops(module: nn.Module, *example_inputs: Any) -> int:

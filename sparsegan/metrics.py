@@ -206,6 +206,7 @@ class DigitsFeatureExtractor(nn.Module):
             nn.Linear(64 * (image_size // 4) ** 2, num_features), nn.ReLU(),
         )
         self.head = nn.Linear(num_features, 10)
+        self.scale: torch.Tensor
         self.register_buffer("scale", torch.ones(()))
         self.accuracy: float | None = None
 
@@ -290,7 +291,7 @@ def digits_feature_extractor(image_size: int = 16, *, cache: str | os.PathLike[s
     Returns:
         The extractor in eval mode with gradients off and ``accuracy`` set.
     """
-    folder = None if cache is False else Path(cache) if cache not in (None, True) else cache_dir()
+    folder = None if cache is False else cache_dir() if cache is None or cache is True else Path(cache)
     file = None if folder is None else folder / f"digits-features-v{_EXTRACTOR_VERSION}-{image_size}px-s{seed}-e{epochs}.pt"
     net = DigitsFeatureExtractor(image_size)
     if file is not None and file.is_file():
@@ -420,8 +421,9 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, *, batch_size: int = 1
         logger.info("Inception FID skipped: torch-fidelity is not installed (torchmetrics needs it for Inception)")
         return None
     if weights is not None:
-        path: Path | None = Path(weights)
-        if not path.is_file():
+        given = Path(weights)
+        path: Path | None = given
+        if not given.is_file():
             raise FileNotFoundError(f"Inception weights file {str(path)!r} does not exist; pass the torch-fidelity "
                                     "file weights-inception-2015-12-05-6726825d.pth, or weights=None for the hub cache")
     else:

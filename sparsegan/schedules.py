@@ -48,7 +48,7 @@ def _check_int(value: object, name: str, *, minimum: int) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]  # any object: index() itself raises the TypeError we report
     except TypeError as exc:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from exc
     if number < minimum:

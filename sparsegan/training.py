@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +324,7 @@ def build_strategy(name: str, *, g_density: float, d_density: float | None = Non
     elif key == "sdst":
         strategy = SDST(g_density, d_density, **common)
     else:
-        mode = "strict" if key == "ddst-strict" else "relax"
+        mode: Literal["relax", "strict"] = "strict" if key == "ddst-strict" else "relax"
         d_every = sched.d_update_every * (2 if mode == "strict" else 1)
         strategy = DDST(g_density, d_density, mode=mode, d_update_every=d_every, br_every=sched.br_every,
                         br_window=sched.br_window, d_min_density=min(0.05, d_density),

@@ -102,11 +102,12 @@ class DynamicSparsity(SparsityAlgorithm):
         active = weights.active_counts()
         # every layer keeps at least one active weight, so no update can disconnect the network
         if self.scope == "global":
-            count: int | list[int] = min(round(fraction * sum(active)), sum(active) - len(active))
-            moved = int(count)
+            total = min(round(fraction * sum(active)), sum(active) - len(active))
+            count: int | list[int] = total
+            moved = total
         else:
-            count = [min(round(fraction * a), a - 1) for a in active]
-            moved = sum(count)
+            per_layer = [min(round(fraction * a), a - 1) for a in active]
+            count, moved = per_layer, sum(per_layer)
         if moved == 0:
             return 0
         masks = weights.masks
