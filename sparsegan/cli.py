@@ -516,7 +516,7 @@ def _demo(args: argparse.Namespace, out: Path, data: Any, begin: float) -> int:
                      f"(feature extractor accuracy {extractor.accuracy:.3f})"
                      + (f"; EMA FD {metrics['ema']['fd']:.3f}" if "ema" in metrics else ""))
     lines.append("Inception FID: " + (f"{fid:.3f}" if fid is not None else "skipped (no cached Inception weights)"))
-    hint = _bounds_hint(result, bounds)
+    hint = _bounds_hint(result, bounds, warmup=args.br_bounds == "warmup")
     if hint:
         lines.append(hint)
     lines.append(f"wall time: {result.wall_time:.1f}s training, {time.perf_counter() - begin:.1f}s total")
@@ -536,7 +536,7 @@ def _resolved_bounds(result: Any, bounds: tuple[float, float] | str) -> tuple[fl
     return controller.bounds if controller is not None else None
 
 
-def _bounds_hint(result: Any, bounds: tuple[float, float] | None) -> str | None:
+def _bounds_hint(result: Any, bounds: tuple[float, float] | None, *, warmup: bool = False) -> str | None:
     """A note when DDST's windowed BR stayed on one side of the bounds for most of the run."""
     if bounds is None or not result.config.strategy.startswith("ddst") or len(result.balance) < 10:
         return None
@@ -546,8 +546,14 @@ def _bounds_hint(result: Any, bounds: tuple[float, float] | None) -> str | None:
     if max(below, above) < 0.8:
         return None
     side = "below the lower" if below >= above else "above the upper"
+    action = "pruning" if below >= above else "growing"
+    if warmup:
+        return (f"note: the windowed balance ratio was {side} warm-up bound for {max(below, above):.0%} of the run, "
+                f"so DDST kept {action} D. The warm-up bounds are fixed from the BR of the run's first tenth; on "
+                "the demo's model BR rises as G learns, so D grows to its maximum, strict's cap or 1 (see results/compare/README.md). "
+                "Fixed bounds (--br-bounds LOWER,UPPER) are the other choice.")
     return (f"note: the windowed balance ratio was {side} bound for {max(below, above):.0%} of the run, so DDST "
-            f"kept {'pruning' if below >= above else 'growing'} D. The balance ratio scales with the number of "
+            f"kept {action} D. The balance ratio scales with the number of "
             "active generator weights and with the data, so fixed bounds fit one model: the paper's (--br-bounds "
             "paper) were chosen for SNGAN on CIFAR-10. Try --br-bounds warmup, or calibrate with `python -m "
             "benchmarks.br_calibration` (Static runs over D densities; bounds = the BR band of the runs with the "

@@ -330,3 +330,17 @@ def test_version_and_import_errors_that_say_why(tmp_path: Path, capsys: pytest.C
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", "needs_dep:Net"]) == 2
     assert "because it imports 'no_such_dependency_xyz', which is not installed" in capsys.readouterr().err
+
+
+def test_the_bounds_note_does_not_suggest_warmup_to_a_warmup_run() -> None:
+    from types import SimpleNamespace
+
+    from sparsegan.cli import _bounds_hint
+
+    run = SimpleNamespace(config=SimpleNamespace(strategy="ddst-strict"),
+                          balance=[(i, 0.3, 0.3) for i in range(20)])  # always above (0.05, 0.06)
+    warm = _bounds_hint(run, (0.05, 0.06), warmup=True)
+    assert warm is not None and "above the upper warm-up bound for 100%" in warm and "Try --br-bounds warmup" not in warm
+    fixed = _bounds_hint(run, (0.05, 0.06))
+    assert fixed is not None and "Try --br-bounds warmup" in fixed
+    assert _bounds_hint(run, (0.2, 0.4)) is None  # inside the band
