@@ -805,6 +805,7 @@ class SparseGANWrapper:
         return {
             "format": STATE_FORMAT,
             "strategy": type(self.strategy).__name__,
+            "strategy_config": repr(self.strategy),
             "balance": self.balance.state_dict(),
             "probe": self._probe.state_dict() if self._probe is not None else None,
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
@@ -886,6 +887,12 @@ class SparseGANWrapper:
             raise WrapperStateError(
                 f"state dict was saved with strategy {state.get('strategy')}, this wrapper uses "
                 f"{type(self.strategy).__name__}; wrap with the same strategy to resume"
+            )
+        saved_config = state.get("strategy_config")  # absent in state dicts of earlier versions
+        if saved_config is not None and saved_config != repr(self.strategy):
+            raise WrapperStateError(
+                f"state dict was saved with {saved_config}, this wrapper uses {self.strategy!r}; wrap with the same "
+                "strategy configuration (densities, mode, schedules) to resume"
             )
         for net in self._networks.values():
             saved = state["networks"].get(net.name)

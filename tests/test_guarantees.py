@@ -575,3 +575,16 @@ def test_a_load_says_what_it_cannot_carry_over(caplog) -> None:
         plain.load_state_dict(state)
     assert "holds a G-EMA copy, but this wrapper has no g_ema" in caplog.text
     assert "real= iterable starts again from its first batch" in caplog.text
+
+
+def test_a_state_saved_under_another_strategy_configuration_is_refused() -> None:
+    torch.manual_seed(0)
+    G, D = mlp_gan(latent=LATENT)
+    state = SparseGANWrapper(G, D, adam(G), adam(D), strategy=Static(0.1, 0.1)).state_dict()
+    G2, D2 = mlp_gan(latent=LATENT)
+    other = SparseGANWrapper(G2, D2, adam(G2), adam(D2), strategy=Static(0.5, 0.1))
+    before = other.masks("generator")
+    with pytest.raises(WrapperStateError, match=r"saved with Static\(g_density=0.1, .*this wrapper uses "
+                                                r"Static\(g_density=0.5"):
+        other.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in other.masks("generator").items())
