@@ -32,11 +32,16 @@ __all__ = ["load_runs", "report", "warmup_bounds"]
 
 
 def load_runs(paths: Sequence[str | Path]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Strategy -> seed -> run record, merged over ``compare.json`` files (a later file wins a tie)."""
+    """Strategy -> seed -> run record, merged over ``compare.json`` files (a later file wins a tie).
+
+    A run made with an explicit ``--d-density`` is listed apart, as e.g. ``static-d1.0``.
+    """
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        for name, records in data["runs"].items():
+        d_density = data.get("args", {}).get("d_density")
+        for strategy, records in data["runs"].items():
+            name = strategy if d_density is None else f"{strategy}-d{d_density}"
             for record in records:
                 record.setdefault("iterations", data.get("args", {}).get("steps"))
                 runs.setdefault(name, {})[int(record["seed"])] = record
