@@ -505,8 +505,13 @@ def _demo(args: argparse.Namespace, out: Path, data: Any, begin: float) -> int:
 
     flops = summary["flops_ratio"]
     br = summary["balance_ratio"]
+    weights = {n: result.sg.weight_density(n) for n in ("generator", "discriminator")}
+    kept_dense = (f" (of all weight tensors, counting those left dense: G {weights['generator']:.4f}, "
+                  f"D {weights['discriminator']:.4f})"
+                  if abs(weights["generator"] - summary["g_density"]) > 1e-9
+                  or abs(weights["discriminator"] - summary["d_density"]) > 1e-9 else "")
     lines = [
-        (f"final densities: G {summary['g_density']:.4f}, D {summary['d_density']:.4f}; "
+        (f"final densities: G {summary['g_density']:.4f}, D {summary['d_density']:.4f}{kept_dense}; "
          f"windowed BR {'n/a' if br is None else f'{br:.4f}'}"),
         f"training FLOPs vs dense: G {flops['generator']:.3f}, D {flops['discriminator']:.3f}, total {flops['total']:.3f}",
     ]

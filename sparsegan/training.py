@@ -433,7 +433,8 @@ class TrainResult:
         return self.sg.ema.module if self.sg.ema is not None else self.generator
 
     def summary(self) -> dict[str, Any]:
-        """Final densities, BR, BR bounds used (DDST), FLOPs ratios, mask updates and wall time (JSON-friendly)."""
+        """Final densities (of the masked kernels, and of all weight tensors), BR, BR bounds used (DDST),
+        FLOPs ratios, mask updates and wall time (JSON-friendly)."""
         flops = self.sg.flops()
         algorithm = self.sg.algorithm("discriminator")
         controller = getattr(algorithm, "controller", None)
@@ -441,6 +442,7 @@ class TrainResult:
             "strategy": self.config.strategy,
             "g_density": self.sg.density("generator"),
             "d_density": self.sg.density("discriminator"),
+            "weight_density": {n: self.sg.weight_density(n) for n in ("generator", "discriminator")},
             "balance_ratio": self.sg.balance_ratio,
             "flops_ratio": {k: flops[k]["ratio"] for k in ("generator", "discriminator", "total")},
             "inference_flops_ratio": dict(flops["inference"]),

@@ -48,6 +48,8 @@ def test_demo_writes_samples_plots_metrics_and_checkpoint(tmp_path: Path, capsys
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["strategy"] == "ddst-strict"
     assert metrics["config"]["d_density"] == 0.1  # the D density used (G's), not null
+    # every weight tensor of the demo's SNGAN is masked: the two densities agree
+    assert metrics["summary"]["weight_density"]["generator"] == pytest.approx(metrics["summary"]["g_density"])
     assert metrics["summary"]["g_density"] == pytest.approx(0.1, abs=0.01)
     assert 0 < metrics["summary"]["flops_ratio"]["total"] < 1
     assert metrics["metrics"]["generator"]["fd"] > 0 and "kid_mean" in metrics["metrics"]["ema"]
