@@ -12,6 +12,7 @@ from torch import nn
 
 from sparsegan import SparseGANWrapper
 from sparsegan.balance import BalanceRatio, DensityController, check_bounds
+from sparsegan.masks import MaskedWeights
 from sparsegan.strategies import DDST, SDST, Dense, Static
 from tests.conftest import LATENT, ConvDiscriminator, ConvGenerator, adam, assert_masks_hold, mlp_gan, real_batch, train
 
@@ -279,7 +280,7 @@ def _ddst_resume(checkpoint: bool, mode: str):
                         br_every=2, br_window=3, update_every=8)
         sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=strategy, seed=3,
                               latent=lambda n: torch.randn(n, LATENT),
-                              real=lambda n: real_batch(n, torch.Generator(), (1, 8, 8)) * 0.0 + 3.0)
+                              real=lambda n: real_batch(n, torch.Generator(), (1, 8, 8)) * 0.0 + 3.0, g_ema=0.9)
         return G, D, g_opt, d_opt, sg
 
     torch.manual_seed(0)
@@ -312,6 +313,9 @@ def test_ddst_resume_continues_bit_identically(mode: str) -> None:
     assert sg_a.algorithm("D").controller.state_dict() == sg_b.algorithm("D").controller.state_dict()
     for a, b in zip(list(G_a.state_dict().values()) + list(D_a.state_dict().values()),
                     list(G_b.state_dict().values()) + list(D_b.state_dict().values())):
+        assert torch.equal(a, b)
+    assert sg_a.ema is not None and sg_b.ema is not None  # the G-EMA resumes too
+    for a, b in zip(sg_a.ema.module.state_dict().values(), sg_b.ema.module.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -593,3 +597,50 @@ def test_cloned_fakes_are_never_taken_for_the_real_batch() -> None:
     # a conditional D cannot score real='s unlabelled batches: skipped, not a TypeError
     sg = _two_iterations(clone=True, conditional=True)
     assert sg.balance.history == [] and sg.balance.skipped == 2
+
+
+# ---------------------------------------------------------------------------- D's masks by hand
+
+
+def _d_weights() -> tuple[MaskedWeights, torch.optim.Optimizer, nn.Parameter]:
+    w = nn.Parameter(torch.tensor([3.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    weights = MaskedWeights(["w"], [w], [torch.tensor([True, True, True, False, False, False, False, False])])
+    # the inactive positions' gradients rank 5 > 7 > 3 > 4 > 6; the magnitudes there are all 0
+    w.grad = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.1, 0.9, 0.05, 0.6])
+    return weights, torch.optim.SGD([w], lr=0.1), w
+
+
+def _controlled(density: float, mode: str = "relax", connectivity=None):
+    from sparsegan.schedules import UpdateSchedule
+    from sparsegan.strategies.ddst import ControlledDensity
+
+    controller = DensityController(density, bounds=(0.4, 0.6), step=0.25, mode=mode,
+                                   max_density=0.375 if mode == "strict" else 1.0)
+    return ControlledDensity(density, controller=controller, update=UpdateSchedule(every=1),
+                             connectivity=connectivity)
+
+
+def test_growing_d_picks_the_largest_gradients_by_hand() -> None:
+    weights, opt, w = _d_weights()
+    # density 3/8 -> 5/8: grow 2 of the inactive positions by |grad| (5: 0.9, 7: 0.6), not by magnitude
+    assert _controlled(0.375).resize(weights, opt, torch.Generator(), 0.625)
+    assert weights.masks[0].tolist() == [True, True, True, False, False, True, False, True]
+    # and back to 2/8: prune the smallest |w| among the active (the grown ones are 0, then 0.5)
+    assert _controlled(0.625).resize(weights, opt, torch.Generator(), 0.25)
+    assert weights.masks[0].tolist() == [True, True, False, False, False, False, False, False]
+
+
+def test_strict_rewires_d_at_its_cap_at_constant_density() -> None:
+    from sparsegan.schedules import ConstantDropFraction, UpdateSchedule
+    from sparsegan.strategies import DynamicSparsity
+
+    weights, opt, w = _d_weights()
+    rewire = DynamicSparsity(0.375, update=UpdateSchedule(every=1), drop_fraction=ConstantDropFraction(0.34))
+    algorithm = _controlled(0.375, "strict", rewire)  # D starts at its cap
+    balance = BalanceRatio(window=1)
+    balance.add(1.0, 0.0, 0.9)  # BR 0.9 >= the upper bound 0.6: D too weak, but no room to grow
+    assert algorithm.update(1, weights, opt, torch.Generator(), balance=balance, iteration=1)
+    assert algorithm.controller.decisions[-1][1].action == "dst"
+    # drop round(0.34 * 3) = 1, the smallest |w| (w[2] = 0.5); grow the largest |grad| (w[5])
+    assert weights.masks[0].tolist() == [True, True, False, False, False, True, False, False]
+    assert weights.active_counts() == [3]

@@ -101,3 +101,35 @@ def test_bad_construction() -> None:
         MaskedWeights(["a", "b"], [p])
     with pytest.raises(ValueError, match="optimizer_state"):
         MaskedWeights(["a"], [p], optimizer_state="zero")  # type: ignore[arg-type]
+
+
+def test_apply_zeroes_nan_and_inf_at_inactive_positions() -> None:
+    w = nn.Parameter(torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), float("nan")]))
+    weights = MaskedWeights(["w"], [w], [torch.tensor([True, False, False, False, True])])
+    weights.apply_()
+    # inactive entries are exactly 0 whatever they held (a multiply would leave nan * 0 = nan)
+    assert w.detach()[1:4].tolist() == [0.0, 0.0, 0.0]
+    assert w.detach()[0] == 1.0 and torch.isnan(w.detach()[4])  # active entries are left alone
+
+
+def test_wrapping_zeroes_existing_optimizer_state_at_inactive_positions() -> None:
+    from sparsegan import SparseGANWrapper
+    from sparsegan.strategies import Static
+    from tests.conftest import mlp_gan
+
+    torch.manual_seed(0)
+    G, D = mlp_gan()
+    g_opt, d_opt = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    for module, opt in ((G, g_opt), (D, d_opt)):  # a few dense steps before wrapping: moments everywhere
+        for _ in range(2):
+            opt.zero_grad()
+            module(torch.randn(4, module[0].in_features)).sum().backward()
+            opt.step()
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.3, 0.3))
+    for net, module, opt in (("generator", G, g_opt), ("discriminator", D, d_opt)):
+        params = dict(module.named_parameters())
+        for name, mask in sg.masks(net).items():
+            state = opt.state[params[name]]
+            assert torch.count_nonzero(state["exp_avg"][~mask]) == 0
+            assert torch.count_nonzero(state["exp_avg_sq"][~mask]) == 0
+            assert torch.count_nonzero(state["exp_avg"][mask]) > 0  # kept where the weights stay active

@@ -97,13 +97,26 @@ def test_global_rigl_update_by_hand() -> None:
     assert opt.state[b]["exp_avg"][1] != 0
 
 
+def test_a_just_pruned_weight_is_not_regrown_even_with_the_largest_gradient() -> None:
+    w = nn.Parameter(torch.tensor([0.1, 5.0, 4.0, 3.0, 0.0, 0.0]))
+    weights = MaskedWeights(["w"], [w], [torch.tensor([True, True, True, True, False, False])])
+    w.grad = torch.tensor([100.0, 1.0, 1.0, 1.0, 2.0, 3.0])  # the smallest |w| has the largest |grad|
+    opt = torch.optim.SGD([w], lr=0.1)
+    # drop round(0.25 * 4) = 1: w[0] (|w| 0.1); grow 1 of the others by |grad|: w[5] (3), not w[0] (100)
+    moved = _dst("global", 0.25).prune_and_grow(weights, opt, torch.Generator(), 0.25)
+    assert torch.equal(weights.masks[0], torch.tensor([False, True, True, True, False, True]))
+    assert moved == 1
+
+
 def test_per_layer_update_by_hand() -> None:
     weights, opt, a, b = _two_layers()
     # fraction 0.5: layer a drops round(1.5) = 2 (-0.1 and 0.3) and layer b drops round(1.0) = 1 (0.05).
     # a has one eligible inactive position (a[1,1]); the second grown one falls back to a just-dropped
     # position; b grows b[2] (grad 0.7 > 0.2). Per-layer counts are kept.
-    _dst("layer", 0.5).prune_and_grow(weights, opt, torch.Generator().manual_seed(0), 0.5)
+    moved = _dst("layer", 0.5).prune_and_grow(weights, opt, torch.Generator().manual_seed(0), 0.5)
     assert weights.active_counts() == [3, 2]
+    # measured on the masks: a[1,1] and b[2] became active; the regrown just-dropped one is no move
+    assert moved == 2
     assert weights.masks[0][0, 0] and weights.masks[0][1, 1]
     assert torch.equal(weights.masks[1], torch.tensor([False, False, True, True]))
 

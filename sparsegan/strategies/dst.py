@@ -93,7 +93,10 @@ class DynamicSparsity(SparsityAlgorithm):
 
     def prune_and_grow(self, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
                        generator: torch.Generator, fraction: float) -> int:
-        """Replace ``fraction`` of the active weights; return how many were replaced.
+        """Replace ``fraction`` of the active weights; return how many positions became active.
+
+        The count is measured on the masks, so an update that changes nothing returns 0 (and
+        the wrapper does not count it as a mask update).
 
         Raises:
             NonFiniteScoreError: If the prune or grow scores are not finite (the masks are then
@@ -116,8 +119,9 @@ class DynamicSparsity(SparsityAlgorithm):
         grow_scores = self._scores(self.grow_score, weights, optimizer, generator)
         dropped = [old & ~new for old, new in zip(masks, after_drop)]
         grown = grow_highest(after_drop, grow_scores, count, exclude=dropped)
+        regrown = sum(int(torch.count_nonzero(new & ~old)) for old, new in zip(masks, grown))
         weights.set_masks(grown, [optimizer])
-        return moved
+        return regrown
 
     @staticmethod
     def _scores(score, weights: MaskedWeights, optimizer: torch.optim.Optimizer,
