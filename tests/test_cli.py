@@ -32,6 +32,16 @@ def quick_extractor(monkeypatch: pytest.MonkeyPatch, extractor_cache: Path) -> N
     monkeypatch.setenv("SPARSEGAN_CACHE", str(extractor_cache))
 
 
+@pytest.fixture(autouse=True)
+def no_cached_inception(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An empty torch hub folder, so Inception weights cached on the user's machine do not change the outputs."""
+    import torch
+
+    hub = tmp_path / "torch-hub"
+    hub.mkdir()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+
 def _tiny(out: Path) -> list[str]:
     return ["--steps", "8", "--batch-size", "8", "--channels", "8", "--n-critic", "1", "--eval-samples", "64",
             "--no-progress", "--out", str(out), "--device", "cpu"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,16 @@ def test_registry_builds_by_name() -> None:
         strategies.create("static", g_density=0.1)
 
 
-def test_register_custom_strategy() -> None:
+@pytest.fixture
+def unregister_after() -> Any:
+    """Names registered by a test are removed again, so no test sees another test's strategies."""
+    before = dict(strategies.STRATEGIES)
+    yield
+    strategies.STRATEGIES.clear()
+    strategies.STRATEGIES.update(before)
+
+
+def test_register_custom_strategy(unregister_after: Any) -> None:
     @strategies.register_strategy("half-static-test")
     class HalfStatic(strategies.Strategy):
         def build(self):
@@ -42,6 +52,7 @@ def test_register_custom_strategy() -> None:
     assert sg.density("G") == 0.5 and sg.density("D") == 1.0
     with pytest.raises(ValueError, match="already registered"):
         strategies.register_strategy("static")(HalfStatic)
+    assert "half-static-test" in strategies.STRATEGIES  # removed again by the fixture
 
 
 def test_dst_builds_static_for_the_other_network() -> None:
