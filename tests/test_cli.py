@@ -37,7 +37,7 @@ def no_cached_inception(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     """An empty torch hub folder, so Inception weights cached on the user's machine do not change the outputs."""
     import torch
 
-    hub = tmp_path / "torch-hub"
+    hub = tmp_path.parent / f"{tmp_path.name}-torch-hub"  # beside the test's folder, not inside it
     hub.mkdir()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
 
