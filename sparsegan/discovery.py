@@ -149,6 +149,8 @@ class DiscoveryResult:
         method: The method whose result was used (``"fx"``, ``"export"`` or ``"runtime"``).
         notes: What happened along the cascade (methods that failed and why, verification).
         model_name: The class name of the analysed module.
+        unmasked: Kernel weights discovery found but ``include=`` / ``exclude=`` keep dense (also
+            listed in ``skipped``); the FLOPs ledger counts them as dense layers.
     """
 
     weights: list[WeightRecord]
@@ -156,6 +158,7 @@ class DiscoveryResult:
     method: str
     notes: list[str] = field(default_factory=list)
     model_name: str = ""
+    unmasked: list[WeightRecord] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -559,7 +562,10 @@ def discover(
     macs_flow = run_reference()["flow"] if have_example else None
     weights, skipped = _records(module, aliases, params, flow, method, macs_flow,
                                 first_batch_size(args) if have_example else 1)
+    found = weights
     weights, skipped = _apply_filters(weights, skipped, params, aliases, include, exclude)
+    kept_names = {w.name for w in weights}
+    unmasked = [w for w in found if w.name not in kept_names]
     if other_models:
         owner = {id(p): label for label, other in other_models.items() for p in unwrap_model(other).parameters()}
         by_name = {names[0]: pid for pid, names in aliases.items()}
@@ -567,7 +573,7 @@ def discover(
                     for w in weights if by_name[w.name] in owner]
         weights = [w for w in weights if by_name[w.name] not in owner]
     _warn_unreached(type(module).__name__, weights)
-    result = DiscoveryResult(weights, skipped, method, notes, type(module).__name__)
+    result = DiscoveryResult(weights, skipped, method, notes, type(module).__name__, unmasked)
     logger.info("discovered %d kernel weights in %s with %s", len(weights), result.model_name, method)
     return result
 

@@ -332,7 +332,9 @@ class SparseGANWrapper:
             self.ema = SparseEMA(modules["generator"], g_ema, masks=self.masks("generator"))
         self.ledger: FlopsLedger | None = None
         try:
-            self.ledger = FlopsLedger({n.name: layer_flops(n.discovery.weights) for n in self._networks.values()})
+            # kernels that include=/exclude= keep dense count as dense layers, so the ratio does not over-claim
+            self.ledger = FlopsLedger({n.name: layer_flops(n.discovery.weights + n.discovery.unmasked)
+                                       for n in self._networks.values()})
         except ValueError as exc:
             logger.info("FLOPs accounting is off: %s", exc)
         else:
@@ -590,9 +592,10 @@ class SparseGANWrapper:
 
     @staticmethod
     def _layer_densities(net: _Network) -> dict[str, float]:
+        dense = {record.name: 1.0 for record in net.discovery.unmasked}
         if net.algorithm is None:
-            return {name: 1.0 for name in net.weights.names}
-        return net.weights.layer_densities()
+            return {name: 1.0 for name in net.weights.names} | dense
+        return net.weights.layer_densities() | dense
 
     def _check_balance_source(self) -> None:
         if self._probe is None and not self.balance.history and self.balance.skipped == 0:

@@ -588,3 +588,20 @@ def test_a_state_saved_under_another_strategy_configuration_is_refused() -> None
                                                 r"Static\(g_density=0.5"):
         other.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in other.masks("generator").items())
+
+
+def test_kernels_kept_dense_by_exclude_count_as_dense_flops() -> None:
+    torch.manual_seed(0)
+    G, D = mlp_gan(latent=LATENT, hidden=16)
+    g_opt, d_opt = adam(G), adam(D)
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=Static(0.25, 0.25), latent=lambda n: torch.randn(n, LATENT),
+                          exclude={"generator": "2.weight"}, br_estimator=None)
+    assert set(sg.masks("generator")) == {"0.weight", "4.weight"}
+    # G's forward MACs per sample: 8x16 + 16x16 + 16x2 = 128 + 256 + 32; 2.weight (256) stays dense
+    assert LATENT == 8
+    inference = sg.flops()["inference"]["generator"]
+    masks = sg.masks("generator")
+    sparse = int(masks["0.weight"].sum()) + 256 + int(masks["4.weight"].sum())
+    assert inference == pytest.approx(sparse / (128 + 256 + 32))
+    # without the dense layer in the ledger the ratio would over-claim sparsity
+    assert inference > (int(masks["0.weight"].sum()) + int(masks["4.weight"].sum())) / (128 + 32)
