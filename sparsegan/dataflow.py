@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 __all__ = [
-    "op_name", "flat_slots", "propagate", "kernel_macs", "Flow", "Use",
+    "op_name", "flat_slots", "propagate", "kernel_macs", "Flow", "Use", "BankSum", "bank_dims", "BANK_REDUCTIONS",
     "MODULE_KERNELS", "MODULE_REASONS", "RNN_OPS", "base_type", "rnn_op", "rnn_weights", "kernel_weight_of",
     "is_norm_module", "module_kernels",
 ]
@@ -75,6 +75,9 @@ METADATA_READS = {"get", "size", "dim", "numel", "stride", "len", "is_contiguous
                   "is_floating_point", "is_complex", "ndimension", "nelement"}
 REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "max", "min", "logsumexp", "std", "var", "norm", "nansum",
               "nanmean", "median", "cumsum"}
+# Reductions a kernel bank's mixing may use: they keep a position that is zero in every kernel of
+# the bank zero in the mixed kernel, so one mask shared across the bank axis stays exact there.
+BANK_REDUCTIONS = {"sum", "mean", "nansum", "nanmean"}
 _REVERSED = {"rmul": "mul", "rtruediv": "truediv", "rdiv": "div", "radd": "add", "rsub": "sub",
              "rmatmul": "matmul"}
 
@@ -124,6 +127,26 @@ def _kernel_op_label(op: str, weight_ndim: int | None, transposed: bool = False)
 # --------------------------------------------------------------------------------------------
 
 
+class BankSum(str):
+    """A ``via`` entry: a reduction over a kernel bank's axis ``dim`` of the parameter.
+
+    It reads as its text in reports (``"sum over bank dim 0"``) and carries the axis, so that
+    discovery can give the bank one mask shared across that axis.
+    """
+
+    dim: int
+
+    def __new__(cls, op: str, dim: int) -> BankSum:
+        self = super().__new__(cls, f"{op} over bank dim {dim}")
+        self.dim = dim
+        return self
+
+
+def bank_dims(via: Sequence[str]) -> tuple[int, ...]:
+    """The parameter axes that the reductions in ``via`` sum a kernel bank over, in order."""
+    return tuple(sorted({entry.dim for entry in via if isinstance(entry, BankSum)}))
+
+
 @dataclass
 class Use:
     op: str
@@ -167,11 +190,14 @@ def propagate(
     weight_ndim: Callable[[Any], int | None],
     transposed: bool = False,
     shape: Callable[[Any], tuple[int, ...] | None] | None = None,
+    param_shape: Callable[[int], tuple[int, ...] | None] | None = None,
 ) -> list[tuple[int, tuple[str, ...]]]:
     """Apply one op to the tracking state; return the (param id, via) pairs its output carries.
 
     ``shape`` (optional; the export and runtime methods have shapes, fx does not) lets a product
     tell a kernel modulated per sample (see :func:`_per_sample_modulation`) from a learned scale.
+    With ``param_shape`` (a parameter's shape by id) as well, a sum over a kernel bank's axis is
+    followed (see :func:`_bank_axis`).
     """
     if op in RNN_OPS:
         for slot, value in slots:
@@ -222,11 +248,65 @@ def propagate(
         return out
     if op in METADATA_READS:
         return []
+    if op in BANK_REDUCTIONS and shape is not None and param_shape is not None:
+        return _bank_reduction(flow, op, slots, tracked, shape, param_shape)
     reason = _reduction_reason(op, slots) if op in REDUCTIONS else f"used by {op}"
     for _, value in slots:
         for pid, _via in tracked(value):
             flow.consumed(pid, reason)
     return []
+
+
+def _reduced_dims(slots: list[tuple[int | str, Any]], ndim: int) -> list[int]:
+    """The axes a reduction call names (normalised to be non-negative); empty for "all axes"."""
+    dims = [v for slot, v in slots if slot in (1, "dim", "axis") and isinstance(v, int) and not isinstance(v, bool)]
+    return sorted({d % ndim for d in dims}) if ndim else []
+
+
+def _bank_axis(param: tuple[int, ...], reduced: tuple[int, ...], dims: list[int]) -> int | None:
+    """The axis of ``param`` that a reduction of its derived tensor ``reduced`` sums over, if any.
+
+    A kernel bank ``(N, *kernel)`` is expanded to the batch, weighted per sample and summed over
+    the bank axis: ``(B, N, *kernel) -> (B, *kernel)``. The bank axis is the one axis ``j`` of the
+    parameter whose size is the product of the reduced sizes, and without which the parameter's
+    shape is the trailing part of what the reduction keeps. ``None`` when no axis, or more than
+    one, fits (e.g. a bank ``(4, 4, 4, 3, 3)`` summed over a size-4 axis is ambiguous).
+    """
+    if not dims or len(param) < 3:
+        return None
+    size = math.prod(reduced[d] for d in dims)
+    kept = tuple(n for i, n in enumerate(reduced) if i not in dims)
+    rest = len(param) - 1
+    if len(kept) < rest:
+        return None
+    fits = [j for j in range(len(param))
+            if param[j] == size and param[:j] + param[j + 1:] == kept[len(kept) - rest:]]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _bank_reduction(
+    flow: Flow,
+    op: str,
+    slots: list[tuple[int | str, Any]],
+    tracked: Callable[[Any], list[tuple[int, tuple[str, ...]]]],
+    shape: Callable[[Any], tuple[int, ...] | None],
+    param_shape: Callable[[int], tuple[int, ...] | None],
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Follow a parameter through a sum over its kernel-bank axis; consume it otherwise."""
+    first = next((v for s, v in slots if s in (0, "input", "self")), None)
+    own = shape(first) if first is not None else None
+    out: list[tuple[int, tuple[str, ...]]] = []
+    for _slot, value in slots:
+        for pid, via in tracked(value):
+            pshape = param_shape(pid)
+            axis = None
+            if value is first and own is not None and pshape is not None:
+                axis = _bank_axis(tuple(pshape), tuple(own), _reduced_dims(slots, len(own)))
+            if axis is None:
+                flow.consumed(pid, _reduction_reason(op, slots))
+            else:
+                out.append((pid, via + (BankSum(op, axis),)))
+    return out
 
 
 def _reduction_reason(op: str, slots: list[tuple[int | str, Any]]) -> str:

@@ -49,6 +49,7 @@ from sparsegan._utils import (
     unwrap_model,
 )
 from sparsegan.dataflow import (
+    BANK_REDUCTIONS,
     BINARY_PASS,
     MATMUL_LIKE,
     MODULE_KERNELS,
@@ -57,6 +58,7 @@ from sparsegan.dataflow import (
     SIZE_PRESERVING,
     Flow,
     Use,
+    bank_dims,
     base_type,
     flat_slots,
     is_norm_module,
@@ -107,6 +109,10 @@ class WeightRecord:
         macs_per_sample: Dense multiply-accumulates of this weight's op(s) per input sample in
             one forward pass, when an example input was available; otherwise ``None``.
         uses: How many kernel ops use the weight in one forward pass (when known).
+        shared_dims: For a *kernel bank* (a parameter ``(N, *kernel)`` whose N kernels are mixed
+            per sample by a weighted sum over the bank axis before the conv), the parameter axes
+            the sum runs over: its mask is one kernel mask shared along them (see
+            ``docs/discovery.md``). Empty for every other weight.
     """
 
     name: str
@@ -117,6 +123,7 @@ class WeightRecord:
     aliases: tuple[str, ...] = ()
     macs_per_sample: int | None = None
     uses: int = 1
+    shared_dims: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -215,7 +222,10 @@ class _LeafTracer(fx.Tracer):
 # --------------------------------------------------------------------------------------------
 
 
-def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[Flow, fx.GraphModule, list[str]]:
+def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None
+             ) -> tuple[Flow, fx.GraphModule, list[str], list[str]]:
+    """The fx graph's dataflow, the traced module, the parameters hidden in opaque modules, and
+    the parameters that reach a sum over a named axis (a kernel bank needs shapes to follow)."""
     tracer = _LeafTracer()
     graph = tracer.trace(module, concrete_args=concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
@@ -223,6 +233,9 @@ def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[F
     hidden: list[str] = []
     values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
     shapes: dict[str, int] = {}
+    reduced: list[str] = []
+    names = {id(p): n for n, p in module.named_parameters()}
+    dims = {id(p): p.dim() for p in module.parameters()}
 
     def tracked(value: Any) -> list[tuple[int, tuple[str, ...]]]:
         return values.get(value.name, []) if isinstance(value, fx.Node) else []
@@ -246,6 +259,9 @@ def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[F
             out = propagate(flow, op, slots, tracked, numel, lambda v: None)
             if out:
                 values[node.name] = out
+            if op in BANK_REDUCTIONS and any(isinstance(v, int) and s in (1, "dim", "axis") for s, v in slots):
+                first = next((v for s, v in slots if s in (0, "input", "self")), None)
+                reduced += [names[pid] for pid, _ in tracked(first) if dims.get(pid, 0) >= 3 and pid in names]
             # Without shapes, carry parameter sizes through size-preserving ops so that a small
             # learned gain can still be told from the kernel it scales.
             sizes = [numel(v) for _, v in slots if isinstance(v, fx.Node)]
@@ -259,7 +275,7 @@ def _fx_flow(module: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[F
                 for pid, _via in tracked(value):
                     flow.consumed(pid, f"input of module {node.target} ({type(sub).__name__})")
             _leaf_params(flow, sub, node.target, hidden)
-    return flow, gm, hidden
+    return flow, gm, hidden, reduced
 
 
 def _leaf_params(flow: Flow, sub: nn.Module, path: str, hidden: list[str]) -> None:
@@ -324,8 +340,11 @@ def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     sig = exported.graph_signature
     flow = Flow()
     values: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
     for placeholder, fqn in sig.inputs_to_parameters.items():
-        values[placeholder] = [(id(module.get_parameter(fqn)), ())]
+        param = module.get_parameter(fqn)
+        values[placeholder] = [(id(param), ())]
+        shapes[id(param)] = tuple(param.shape)
 
     def tracked(value: Any) -> list[tuple[int, tuple[str, ...]]]:
         return values.get(value.name, []) if isinstance(value, fx.Node) else []
@@ -350,7 +369,7 @@ def _export_flow(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         op = op_name(node.target)
         transposed = op == "convolution" and len(node.args) > 6 and bool(node.args[6])
         out = propagate(flow, op, flat_slots(node.args, node.kwargs), tracked, numel, weight_ndim, transposed,
-                        shape=meta_shape)
+                        shape=meta_shape, param_shape=shapes.get)
         if out:
             values[node.name] = out
     return flow
@@ -363,6 +382,7 @@ class _RuntimeRecorder(TorchFunctionMode):
         super().__init__()
         self.flow = Flow()
         self.values: dict[int, list[tuple[int, tuple[str, ...]]]] = {pid: [(pid, ())] for pid in params}
+        self.shapes: dict[int, tuple[int, ...]] = {pid: tuple(p.shape) for pid, p in params.items()}
         self.keepalive: list[torch.Tensor] = []
 
     def _tracked(self, value: Any) -> list[tuple[int, tuple[str, ...]]]:
@@ -389,7 +409,8 @@ class _RuntimeRecorder(TorchFunctionMode):
 
         before = {pid: len(u) for pid, u in self.flow.uses.items()}
         carried = propagate(self.flow, op, slots, self._tracked, numel, weight_ndim, transposed,
-                            shape=lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None)
+                            shape=lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None,
+                            param_shape=self.shapes.get)
         cost = kernel_macs(op, args, kwargs, out, transposed)
         per_weight = _rnn_macs(op, slots, self._tracked) if op in RNN_OPS else {}
         for pid, uses in self.flow.uses.items():
@@ -516,7 +537,7 @@ def discover(
             if method == "fx":
                 concrete = _default_concrete_args(module, len(args), kwargs)
                 with preserved_state(module):
-                    flow, gm, hidden = _fx_flow(module, concrete)
+                    flow, gm, hidden, reduced = _fx_flow(module, concrete)
                 if have_example:
                     ref = run_reference()
                     with preserved_state(module):
@@ -532,6 +553,10 @@ def discover(
                     notes.append("fx: traced without an example input, so the graph was not verified against eager")
                 if hidden and any(m != "fx" for m in methods) and have_example:
                     notes.append(f"fx: {len(hidden)} parameters sit inside modules tracing does not enter; trying the next method")
+                    continue
+                if reduced and any(m != "fx" for m in methods) and have_example:
+                    notes.append(f"fx: {', '.join(sorted(set(reduced)))} reach a sum over a named axis (a kernel bank?), "
+                                 "which needs the shapes fx does not have; trying the next method")
                     continue
             elif not have_example:
                 notes.append(f"{method}: needs an example input, none given")
@@ -624,9 +649,13 @@ def _records(
             known = [u.macs for u in rt_uses if u.macs is not None]
             if rt_uses and len(known) == len(rt_uses):
                 macs = sum(known) // max(batch, 1)
+        banks = {bank_dims(u.via) for u in primary}
+        # one shared mask only when every kernel use mixes the bank over the same axes; a bank
+        # also used kernel by kernel gets an ordinary mask (exact, though its FLOPs then drop less)
+        shared = banks.pop() if len(banks) == 1 else ()
         weights.append(WeightRecord(
             name=names[0], shape=shape, op=primary[0].op, method=method_used, via=primary[0].via,
-            aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary),
+            aliases=tuple(names[1:]), macs_per_sample=macs, uses=len(primary), shared_dims=shared,
         ))
     return weights, skipped
 

@@ -13,11 +13,19 @@ Optimizer state policy (``optimizer_state=``):
   is zeroed there, so a regrown weight starts from zero with fresh statistics.
 * ``"keep"``: optimizer state is never touched (regrown weights inherit the moments the dense
   gradient accumulated while they were inactive).
+
+Kernel banks: a parameter ``(N, *kernel)`` whose N kernels are mixed per sample before one conv
+(:attr:`sparsegan.discovery.WeightRecord.shared_dims`) has **one kernel mask shared across the
+bank axis**. Its mask is stored in the parameter's shape, constant along the shared axes (so
+enforcement, optimizer state and checkpoints work as for any weight); :meth:`MaskedWeights.kernel_masks`
+and :meth:`MaskedWeights.expand` convert to and from the kernel's shape, in which strategies rank
+and select positions. Every mask given to a bank is checked to be shared.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -44,9 +52,12 @@ class MaskedWeights:
         params: The parameters, in the same order.
         masks: Initial bool masks (same shapes); all-True when omitted.
         optimizer_state: The optimizer state policy (see the module docs).
+        shared_dims: Per weight, the axes its mask is shared along (a kernel bank's axis, see the
+            module docs); ``()`` for an ordinary weight. Default: none shared.
 
     Raises:
-        MaskStateError: If the numbers or shapes do not match.
+        MaskStateError: If the numbers or shapes do not match, or a kernel bank's mask is not
+            shared along its bank axes.
     """
 
     def __init__(
@@ -56,9 +67,15 @@ class MaskedWeights:
         masks: Sequence[torch.Tensor] | None = None,
         *,
         optimizer_state: OptimizerStatePolicy = "reset",
+        shared_dims: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         if len(names) != len(params):
             raise MaskStateError(f"{len(names)} names for {len(params)} parameters")
+        shared = [tuple(sorted({d % p.dim() for d in dims})) for dims, p in
+                  zip(shared_dims if shared_dims is not None else [()] * len(params), params)]
+        if len(shared) != len(params) or any(len(dims) >= p.dim() for dims, p in zip(shared, params)):
+            raise MaskStateError(f"shared_dims {shared_dims} do not fit the {len(params)} parameters' shapes")
+        self.shared_dims: list[tuple[int, ...]] = shared
         if optimizer_state not in ("reset", "keep"):
             raise ValueError(f"optimizer_state must be 'reset' or 'keep', got {optimizer_state!r}")
         self.names: list[str] = list(names)
@@ -124,6 +141,44 @@ class MaskedWeights:
         """Active fraction per weight name."""
         return {n: c / m.numel() for n, c, m in zip(self.names, self.active_counts(), self.masks)}
 
+    # ------------------------------------------------------------------ kernel banks
+
+    @property
+    def multiplicity(self) -> list[int]:
+        """Per weight, how many parameter entries one kernel position stands for (N for a bank of N)."""
+        return [math.prod(p.shape[d] for d in dims) for p, dims in zip(self.params, self.shared_dims)]
+
+    @property
+    def has_banks(self) -> bool:
+        """Whether any weight is a kernel bank with a shared mask."""
+        return any(self.shared_dims)
+
+    def kernel_masks(self) -> list[torch.Tensor]:
+        """The masks in kernel shape: a bank's shared axes removed (ordinary masks as they are)."""
+        out = []
+        for mask, dims in zip(self.masks, self.shared_dims):
+            for d in reversed(dims):
+                mask = mask.select(d, 0)
+            out.append(mask)
+        return out
+
+    def kernel_scores(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-entry scores (parameter shape) in kernel shape: summed over a bank's shared axes.
+
+        A bank position's score is the sum of its N entries' scores (for magnitude: the L1 norm
+        of the position across the bank), so the bank's kernels are ranked together.
+        """
+        return [score.sum(dim=dims) if dims else score for score, dims in zip(scores, self.shared_dims)]
+
+    def expand(self, kernel_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Masks in kernel shape (see :meth:`kernel_masks`) back in each parameter's shape."""
+        out = []
+        for mask, param, dims in zip(kernel_masks, self.params, self.shared_dims):
+            for d in dims:
+                mask = mask.unsqueeze(d)
+            out.append(mask.expand(param.shape).clone() if dims else mask)
+        return out
+
     # ------------------------------------------------------------------ changes
 
     def set_masks(self, masks: Sequence[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer] = ()) -> list[torch.Tensor]:
@@ -179,6 +234,11 @@ class MaskedWeights:
             if mask.dtype != torch.bool:
                 raise MaskStateError(f"mask for {name!r} has dtype {mask.dtype}; masks must be torch.bool")
             out.append(mask.to(param.device))
+        for name, mask, dims in zip(self.names, out, self.shared_dims):
+            if dims and not bool((mask == mask.amax(dim=dims, keepdim=True)).all()):
+                raise MaskStateError(
+                    f"mask for the kernel bank {name!r} differs along its bank axes {list(dims)}; a bank has one "
+                    "kernel mask shared across the bank (build it with MaskedWeights.expand)")
         return out
 
     # ------------------------------------------------------------------ state
@@ -229,4 +289,7 @@ class MaskedWeights:
         return len(self.params)
 
     def __repr__(self) -> str:
-        return f"MaskedWeights({len(self)} weights, density={self.density():.4f}, optimizer_state={self.optimizer_state!r})"
+        banks = sum(1 for dims in self.shared_dims if dims)
+        extra = f", {banks} kernel banks" if banks else ""
+        return (f"MaskedWeights({len(self)} weights{extra}, density={self.density():.4f}, "
+                f"optimizer_state={self.optimizer_state!r})")

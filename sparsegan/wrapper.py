@@ -90,7 +90,12 @@ class _Network:
     handles: list[RemovableHandle] = field(default_factory=list)
 
     def density(self) -> float:
-        return self.weights.density() if self.algorithm is not None else 1.0
+        """Active fraction of the kernel weights: the masked ones plus those include=/exclude= keep dense."""
+        if self.algorithm is None:
+            return 1.0
+        dense = sum(record.numel for record in self.discovery.unmasked)
+        total = self.weights.total + dense
+        return (sum(self.weights.active_counts()) + dense) / total if total else 1.0
 
     def dense_weights(self) -> list[tuple[str, int, str]]:
         """``(name, numel, reason)`` of the network's other weight tensors (2-D or more), kept dense."""
@@ -406,7 +411,8 @@ class SparseGANWrapper:
                 "(a function returning a batch of the generator's input)."
             ) from None
         params = {n: p for n, p in module.named_parameters()}
-        weights = MaskedWeights(found.names, [params[n] for n in found.names], optimizer_state=optimizer_state)
+        weights = MaskedWeights(found.names, [params[n] for n in found.names], optimizer_state=optimizer_state,
+                                shared_dims=[w.shared_dims for w in found.weights])
         rng = torch.Generator().manual_seed(seed)
         if algorithm is not None:
             if not found.weights:
@@ -418,7 +424,12 @@ class SparseGANWrapper:
                 )
             self._check_optimizer(name, optimizer, weights)
             shapes = {n: tuple(p.shape) for n, p in zip(weights.names, weights.params)}
-            weights.masks = weights._checked(broadcast_masks(algorithm.initial_masks(shapes, generator=rng)))
+            banks = {w.name: w.shared_dims for w in found.weights if w.shared_dims}
+            # kernel banks get one mask shared across the bank (passed only when there are banks,
+            # so that an algorithm overriding initial_masks without the keyword keeps working)
+            initial = (algorithm.initial_masks(shapes, generator=rng, shared_dims=banks) if banks
+                       else algorithm.initial_masks(shapes, generator=rng))
+            weights.masks = weights._checked(broadcast_masks(initial))
             weights.apply_()
             if optimizer_state == "reset":
                 weights.reset_optimizer_state(optimizer)
@@ -615,7 +626,11 @@ class SparseGANWrapper:
         return self._networks[key]
 
     def density(self, network: str) -> float:
-        """Fraction of the network's maskable weights that are active (1.0 for a dense network).
+        """Fraction of the network's kernel weights that are active (1.0 for a dense network).
+
+        Kernel weights that ``include=`` / ``exclude=`` keep dense count as fully active, so the
+        density never claims more sparsity than the network's conv/linear kernels have;
+        :meth:`weight_density` also counts the weights discovery could not follow.
 
         After :meth:`remove` / :meth:`finalize` the masks are no longer enforced. The density of
         the masks is then returned only while the weights still follow them (every pruned weight

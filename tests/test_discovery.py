@@ -413,19 +413,30 @@ class KernelBank(nn.Module):
 
 @pytest.mark.parametrize("use_einops", [False, True])
 @pytest.mark.parametrize("method", ["export", "runtime"])
-def test_a_kernel_bank_is_skipped_with_the_reduction_that_stopped_it(use_einops, method) -> None:
-    result = discover(KernelBank(use_einops), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=(method,))
+def test_a_bank_whose_axis_the_shapes_cannot_tell_is_skipped_with_the_reduction_that_stopped_it(
+        use_einops, method) -> None:
+    # a bank (3, 3, 3, 3, 3): every axis has the bank's size, so which one the sum runs over is not
+    # guessed (tests/test_kernel_banks.py has the banks that are followed)
+    model = KernelBank(use_einops, n=3, cin=3, cout=3)
+    result = discover(model, (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=(method,))
     reason = {s.name: s.reason for s in result.skipped}["bank"]
     # the reduction that stopped it, not a harmless .shape read ("used by get"); einops sums a
     # permuted copy, so the axis torch sees there is the last one
     assert reason == f"sum over dim {5 if use_einops else 1} (a reduction discovery does not follow)"
 
 
+def test_a_kernel_bank_is_followed_through_the_sum_over_its_axis() -> None:
+    result = discover(KernelBank(), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",))
+    assert result["bank"].shared_dims == (0,)
+    assert result["bank"].op == "conv2d"
+    assert "sum over bank dim 0" in result["bank"].via
+
+
 def test_include_naming_a_weight_discovery_could_not_follow_is_refused() -> None:
     with pytest.raises(DiscoveryError, match=r"include= names 1 parameter\(s\) that discovery did not find as "
                                              r"kernel weights: 'bank' \(sum over dim 1"):
-        discover(KernelBank(), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
+        discover(KernelBank(n=3, cin=3, cout=3), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
                  include=["bank", "to_mix.weight"])
-    found = discover(KernelBank(), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
+    found = discover(KernelBank(n=3, cin=3, cout=3), (torch.randn(2, 3, 8, 8), torch.randn(2, 6)), methods=("runtime",),
                      include="to_mix.*")
     assert found.names == ["to_mix.weight"]

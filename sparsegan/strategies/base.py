@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -55,18 +56,49 @@ class SparsityAlgorithm(abc.ABC):
         self.density = check_density(density)
         self.distribution = distribution
 
-    def initial_masks(self, shapes: Mapping[str, Sequence[int]], *, generator: torch.Generator) -> list[torch.Tensor]:
+    def initial_masks(self, shapes: Mapping[str, Sequence[int]], *, generator: torch.Generator,
+                      shared_dims: Mapping[str, tuple[int, ...]] | None = None) -> list[torch.Tensor]:
         """Random masks with exact per-layer active counts from the distribution.
 
         Args:
             shapes: Weight name to shape, in the network's order.
             generator: The network's random generator (CPU).
+            shared_dims: The kernel banks among the weights: name to the axes their one kernel
+                mask is shared along (see :mod:`sparsegan.masks`). The distribution sees a bank
+                at its full parameter shape; its count is rounded to whole kernel positions and
+                the ordinary layers absorb the rounding.
 
         Returns:
             One bool mask per weight, on the CPU.
         """
         counts = allocate(shapes, self.density, self.distribution)
-        return [random_mask(shape, counts[name], generator=generator) for name, shape in shapes.items()]
+        banks = {name: dims for name, dims in (shared_dims or {}).items() if dims and name in shapes}
+        if not banks:
+            return [random_mask(shape, counts[name], generator=generator) for name, shape in shapes.items()]
+        kernel_shapes: dict[str, tuple[int, ...]] = {}
+        residual = 0
+        for name, axes in banks.items():
+            full = tuple(shapes[name])
+            kernel_shapes[name] = tuple(n for d, n in enumerate(full) if d not in axes)
+            multiplicity = math.prod(full[d] for d in axes)
+            positions = min(max(round(counts[name] / multiplicity), 1), math.prod(kernel_shapes[name]))
+            residual += counts[name] - positions * multiplicity
+            counts[name] = positions
+        for name in sorted((n for n in shapes if n not in banks), key=lambda n: -counts[n]):
+            room = math.prod(shapes[name]) - counts[name] if residual > 0 else counts[name] - 1
+            take = max(min(abs(residual), room), 0)
+            counts[name] += take if residual > 0 else -take
+            residual -= take if residual > 0 else -take
+        masks = []
+        for name, shape in shapes.items():
+            if name not in banks:
+                masks.append(random_mask(shape, counts[name], generator=generator))
+                continue
+            kernel = random_mask(kernel_shapes[name], counts[name], generator=generator)
+            for d in banks[name]:
+                kernel = kernel.unsqueeze(d)
+            masks.append(kernel.expand(tuple(shape)).clone())
+        return masks
 
     needs_balance_ratio: ClassVar[bool] = False
     """Whether :meth:`update` reads the balance ratio (the wrapper then checks it has a source)."""

@@ -30,6 +30,7 @@ from sparsegan.criteria import (
 from sparsegan.masks import MaskedWeights
 from sparsegan.schedules import ConstantDropFraction, CosineDropFraction, DropFractionSchedule, UpdateSchedule
 from sparsegan.strategies.base import Distribution, SparsityAlgorithm, register_strategy
+from sparsegan.strategies.budgets import apply_plan, resize_plan
 from sparsegan.strategies.dst import DST, DynamicSparsity, Scope
 
 __all__ = ["ControlledDensity", "SDST", "DDST", "PAPER_BOUNDS", "RELAX_INTERVAL", "STRICT_CAP"]
@@ -137,23 +138,30 @@ class ControlledDensity(SparsityAlgorithm):
                 decision (see :class:`~sparsegan.SparseGANWrapper`).
         """
         active = weights.active_counts()
-        # never disconnect a layer: each keeps at least one active weight
-        change = max(round(density * weights.total), len(active)) - sum(active)
-        if change == 0:
+        # never disconnect a layer: each keeps at least one active weight; a kernel bank changes
+        # its kernel positions in proportion (strategies.budgets)
+        target = max(round(density * weights.total), len(active))
+        if target == sum(active):
             return False
-        score = self.grow_score if change > 0 else self.prune_score
+        plan = resize_plan(weights, target)
+        if not plan:
+            return False
         grads = growth_gradients(weights.params, weights.names)
-        with torch.no_grad():
-            scores = [score(p, m, grad=g, optimizer_state=optimizer.state.get(p, {}), generator=generator)
-                      for p, m, g in zip(weights.params, weights.masks, grads)]
-        bad = first_non_finite(scores)
-        if bad is not None:
-            raise NonFiniteScoreError(f"{'grow' if change > 0 else 'prune'} scores of layer {bad} are not finite", bad)
-        if change > 0:
-            new = grow_highest(weights.masks, scores, change)
-        else:
-            new = drop_lowest(weights.masks, scores, -change, min_active=1)
-        weights.set_masks(new, [optimizer])
+        masks = weights.kernel_masks()
+        for sign, score, what in ((-1, self.prune_score, "prune"), (1, self.grow_score, "grow")):
+            if not (plan.pooled_count * sign > 0 or any(k * sign > 0 for k in plan.own.values())):
+                continue
+            with torch.no_grad():
+                scores = [score(p, m, grad=g, optimizer_state=optimizer.state.get(p, {}), generator=generator)
+                          for p, m, g in zip(weights.params, weights.masks, grads)]
+            bad = first_non_finite(scores)
+            if bad is not None:
+                raise NonFiniteScoreError(f"{what} scores of layer {bad} are not finite", bad)
+            if sign > 0:
+                masks = apply_plan(grow_highest, masks, weights.kernel_scores(scores), plan)
+            else:
+                masks = apply_plan(drop_lowest, masks, weights.kernel_scores(scores), plan, sign=-1, min_active=1)
+        weights.set_masks(weights.expand(masks), [optimizer])
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from sparsegan.strategies.base import (
     check_density,
     register_strategy,
 )
+from sparsegan.strategies.budgets import apply_plan, replacement_plan
 
 __all__ = ["DynamicSparsity", "DST"]
 
@@ -102,24 +103,18 @@ class DynamicSparsity(SparsityAlgorithm):
             NonFiniteScoreError: If the prune or grow scores are not finite (the masks are then
                 unchanged).
         """
-        active = weights.active_counts()
-        # every layer keeps at least one active weight, so no update can disconnect the network
-        if self.scope == "global":
-            total = min(round(fraction * sum(active)), sum(active) - len(active))
-            count: int | list[int] = total
-            moved = total
-        else:
-            per_layer = [min(round(fraction * a), a - 1) for a in active]
-            count, moved = per_layer, sum(per_layer)
-        if moved == 0:
+        # every layer keeps at least one active weight, so no update can disconnect the network;
+        # a kernel bank is ranked in kernel shape and replaces its own share (strategies.budgets)
+        plan = replacement_plan(weights, fraction, self.scope)
+        if not plan:
             return 0
-        masks = weights.masks
-        prune_scores = self._scores(self.prune_score, weights, optimizer, generator)
-        after_drop = drop_lowest(masks, prune_scores, count, min_active=1)
-        grow_scores = self._scores(self.grow_score, weights, optimizer, generator)
+        masks = weights.kernel_masks()
+        prune_scores = weights.kernel_scores(self._scores(self.prune_score, weights, optimizer, generator))
+        after_drop = apply_plan(drop_lowest, masks, prune_scores, plan, min_active=1)
+        grow_scores = weights.kernel_scores(self._scores(self.grow_score, weights, optimizer, generator))
         dropped = [old & ~new for old, new in zip(masks, after_drop)]
-        grown = grow_highest(after_drop, grow_scores, count, exclude=dropped)
-        regrown = sum(int(torch.count_nonzero(new & ~old)) for old, new in zip(masks, grown))
+        grown = weights.expand(apply_plan(grow_highest, after_drop, grow_scores, plan, per_layer={"exclude": dropped}))
+        regrown = sum(int(torch.count_nonzero(new & ~old)) for old, new in zip(weights.masks, grown))
         weights.set_masks(grown, [optimizer])
         return regrown
 
