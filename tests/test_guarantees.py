@@ -605,3 +605,40 @@ def test_kernels_kept_dense_by_exclude_count_as_dense_flops() -> None:
     assert inference == pytest.approx(sparse / (128 + 256 + 32))
     # without the dense layer in the ledger the ratio would over-claim sparsity
     assert inference > (int(masks["0.weight"].sum()) + int(masks["4.weight"].sum())) / (128 + 32)
+
+
+def test_ddst_grows_a_discriminator_whose_forward_never_runs_a_layer(caplog) -> None:
+    from tests.test_discovery import FromRGB
+
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 64), nn.Unflatten(1, (1, 8, 8)))
+    D = FromRGB()  # from_rgb.16 is never called at 8x8
+    g_opt, d_opt = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    strategy = DDST(0.3, 0.3, update_every=100, total_steps=100, d_update_every=1, br_window=1, br_min_samples=1,
+                    density_step=0.1, br_bounds=(0.4, 0.6))
+    sg = SparseGANWrapper(G, D, g_opt, d_opt, strategy=strategy, latent=lambda n: torch.randn(n, 4),
+                          br_estimator=None)
+    unused = D.from_rgb["16"].weight
+    densities = [sg.density("discriminator")]
+    with caplog.at_level(logging.INFO, logger="sparsegan"):
+        for _ in range(4):
+            z = torch.randn(4, 4)
+            d_loss = F.softplus(-D(torch.randn(4, 1, 8, 8))).mean() + F.softplus(D(G(z).detach())).mean()
+            d_opt.zero_grad()
+            d_loss.backward()
+            assert unused.grad is None
+            d_opt.step()  # carries out the decision of the previous iteration (by gradient growth)
+            g_loss = F.softplus(-D(G(z))).mean()
+            g_opt.zero_grad()
+            g_loss.backward()
+            g_opt.step()
+            sg.observe(d_real=1.0, d_fake_before=0.0, d_fake_after=0.9)  # BR 0.9 > 0.6: grow D
+            densities.append(sg.density("discriminator"))
+    # three decisions carried out at the D steps of iterations 2-4, each +0.1: D has 4 + 4 + 256
+    # weights, so 0.6 is round(0.6 * 264) = 158 active
+    assert densities[-1] == 158 / 264
+    assert sg.mask_updates("discriminator") == 3
+    assert "did not reach (from_rgb.16.weight); scored as zero gradient" in caplog.text
+    mask = sg.masks("discriminator")["from_rgb.16.weight"]
+    assert int(torch.count_nonzero(unused.detach()[~mask])) == 0
+    assert 0 < sg.flops()["discriminator"]["ratio"] < 1
