@@ -286,8 +286,9 @@ class DDST(SDST):
         total_steps: Iterations (G optimizer steps) of the run: the cosine decays' length, and
             the end of the run, at which no update is made.
         distribution: Initial layer-wise allocation of both networks.
-        prune: G's prune score.
-        grow: G's grow score.
+        prune: G's prune score. D always prunes by magnitude.
+        grow: G's grow score. D always grows by gradient (the paper's and its reference code's
+            choice: D's added capacity goes where D's own loss gradient is largest).
         scope: G's selection scope.
     """
 
