@@ -226,6 +226,12 @@ def test_distilled_model_averages_its_two_heads_in_training() -> None:
     train_out = d(x)  # training mode, dropout-free: the same average as in eval
     assert train_out.shape == (2, 1)
     assert torch.allclose(train_out, d.eval()(x))
+    # by hand: the class token through `head`, the distillation token through `head_dist`, averaged
+    with torch.no_grad():
+        tokens = d.model.forward_features(x)
+        cls, dist = d.model.head(tokens[:, 0]), d.model.head_dist(tokens[:, 1])
+    assert not torch.allclose(cls, dist)  # two different heads: the average is not either one
+    torch.testing.assert_close(train_out.detach(), (cls + dist) / 2)
 
 
 @pytest.mark.parametrize(("name", "img_size", "match"), [

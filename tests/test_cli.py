@@ -119,6 +119,9 @@ def test_compare_jobs_in_worker_processes_match_the_sequential_runs(tmp_path: Pa
     par = json.loads((tmp_path / "par" / "compare.json").read_text())["runs"]
     for name in ("static", "ddst"):
         assert [r["seed"] for r in par[name]] == [0, 1]
+        # the seed reaches the run (else equal numbers below would show nothing): seeds 0 and 1 differ
+        assert seq[name][0]["history"]["g_loss"] != pytest.approx(seq[name][1]["history"]["g_loss"], rel=1e-6)
+        assert par[name][0]["metrics"]["generator"]["fd"] != par[name][1]["metrics"]["generator"]["fd"]
         for a, b in zip(seq[name], par[name], strict=True):
             # same seeds, same extractor (handed to the workers), one thread: the same numbers
             assert b["metrics"]["generator"]["fd"] == pytest.approx(a["metrics"]["generator"]["fd"], rel=1e-6)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sparsegan.data import (
     DatasetError,
+    ImageDataset,
     grid_of_gaussians,
     images_to_tensor,
     load_dataset,
@@ -124,6 +125,17 @@ def test_sampling_is_reproducible() -> None:
     a = data.sample(8, torch.Generator().manual_seed(3))
     b = data.sample(8, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == (8, 1, 16, 16)
+    # the draw is the generator's: uniform indices with replacement, the same rows by hand
+    index = torch.randint(len(data.images), (8,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, data.images[index])
+    # and the seed matters: another seed draws other images
+    assert not torch.equal(a, data.sample(8, torch.Generator().manual_seed(4)))
+    # with replacement: more draws than images still works, and every draw is a dataset image
+    tiny = ImageDataset(data.images[:3].clone(), "three digits")
+    many = tiny.sample(50, torch.Generator().manual_seed(0))
+    assert many.shape == (50, 1, 16, 16)
+    matches = (many[:, None] == tiny.images[None]).flatten(2).all(-1)  # (50, 3): draw i is image j
+    assert bool(matches.any(1).all()) and int(matches.any(0).sum()) == 3
 
 
 def test_toy_mixtures() -> None:

@@ -349,6 +349,10 @@ def test_discovery_under_no_grad_finds_the_same_weights(method: str) -> None:
         result = discover(ScaledConv(), X, methods=[method])
     assert result.names == expected.names and result.method == method
     assert [w.macs_per_sample for w in result.weights] == [w.macs_per_sample for w in expected.weights]
+    # and both are right, not just alike: the kernel (4 x 1 x 3 x 3, padding 1) makes 4 x 8 x 8 outputs
+    # of 1 x 3 x 3 MACs each; the head 256 -> 1
+    assert {w.name: (w.op, w.macs_per_sample) for w in result.weights} == {
+        "weight": ("conv2d", 4 * 8 * 8 * 1 * 3 * 3), "head.weight": ("linear", 256)}
 
 
 class RecurrentD(nn.Module):

@@ -72,6 +72,9 @@ def test_erk_power() -> None:
 
 
 def test_er_and_erk_agree_on_2d_shapes() -> None:
+    # on 2-D shapes ER's (n_in + n_out) / (n_in * n_out) is ERK's factor: the hand values of
+    # test_erk_hand_computed_mlp, not just whatever ERK returns
+    assert layer_densities(MLP, 0.5, "er") == pytest.approx({"a": 0.75, "b": 0.375, "c": 0.625})
     for density in (0.1, 0.5, 0.9):
         assert layer_densities(MLP, density, "er") == pytest.approx(
             layer_densities(MLP, density, "ERK")
@@ -92,7 +95,21 @@ def test_registry_signature() -> None:
     assert DISTRIBUTIONS["erk"](shapes, 0.5, 1.0) == pytest.approx(
         {"a": 0.75, "b": 0.375, "c": 0.625}
     )
-    assert set(DISTRIBUTIONS) == {"uniform", "er", "erk"}
+    # the third argument is the power: 0 makes ERK uniform
+    assert DISTRIBUTIONS["erk"](shapes, 0.3, 0.0) == pytest.approx({"a": 0.3, "b": 0.3, "c": 0.3})
+    # every registered entry, called as fn(shapes, density, power) and by its name (any case), gives
+    # its own hand-computed densities (the conv/fc values of test_erk_conv_shapes_by_hand)
+    conv_fc = {"conv": (4, 2, 3, 3), "fc": (10, 4)}
+    by_hand = {
+        "uniform": {"conv": 0.25, "fc": 0.25},
+        "er": {"conv": 7 / 17 * 0.75, "fc": 7 / 17 * 0.35},
+        "erk": {"conv": 14 / 13 / 6, "fc": 14 / 13 * 0.35},
+    }
+    assert DISTRIBUTIONS  # the loop below runs
+    for name, fn in DISTRIBUTIONS.items():
+        expected = by_hand[name]  # a name added to the registry needs its hand values here
+        assert fn(conv_fc, 0.25, 1.0) == pytest.approx(expected), name
+        assert layer_densities(conv_fc, 0.25, name.upper()) == pytest.approx(expected), name
 
 
 # ----------------------------------------------------------------------------- custom densities

@@ -18,15 +18,36 @@ def _conv_wrapped(strategy, **kwargs):
     return G, D, g_opt, d_opt, sg
 
 
+# MACs per sample of the conftest models (latent 16, 16 channels, 8x8 images), counted by hand:
+# a conv makes out-channels x output positions x (in-channels x k x k) MACs; a transposed conv
+# in-channels x input positions x (out-channels x k x k); a linear in x out.
+HAND_MACS = {
+    "generator": {
+        "fc.weight": 16 * 256,                      # Linear(16, 16 * 4 * 4)
+        "conv1.weight": 16 * (4 * 4) * (16 * 3 * 3),  # 3x3, padding 1, on 4x4
+        "up.weight": 16 * (4 * 4) * (16 * 4 * 4),     # 4x4 stride 2 transposed: 4x4 -> 8x8
+        "out.weight": 1 * (8 * 8) * (16 * 3 * 3),     # 3x3, padding 1, on 8x8
+    },
+    "discriminator": {
+        "conv1.weight_orig": 16 * (8 * 8) * (1 * 3 * 3),
+        "conv2.weight_orig": 16 * (4 * 4) * (16 * 4 * 4),  # 4x4 stride 2: 8x8 -> 4x4
+        "fc.weight_orig": 256,
+    },
+}
+
+
 def test_flops_of_static_training_by_hand() -> None:
     G, D, g_opt, d_opt, sg = _conv_wrapped(Static(0.3, 0.5))
     train(G, D, g_opt, d_opt, 4, latent=LATENT, data_shape=(1, 8, 8), n_critic=2)
     flops = sg.flops()
     for net, steps in (("generator", 4), ("discriminator", 8)):
-        records = sg.discovery(net).weights
-        densities = {n: int(m.sum()) / m.numel() for n, m in sg.masks(net).items()}
-        dense = sum(2 * r.macs_per_sample for r in records)
-        sparse = sum(densities[r.name] * 2 * r.macs_per_sample for r in records)
+        macs = HAND_MACS[net]
+        masks = sg.masks(net)
+        assert set(masks) == set(macs)
+        densities = {n: int(m.sum()) / m.numel() for n, m in masks.items()}
+        # forward 2 FLOPs per MAC; a training step is 3 forwards' worth (forward, two backward products)
+        dense = sum(2 * m for m in macs.values())
+        sparse = sum(densities[n] * 2 * m for n, m in macs.items())
         assert flops[net]["dense"] == pytest.approx(3 * dense * steps)
         assert flops[net]["sparse"] == pytest.approx(3 * sparse * steps)
         assert flops["inference"][net] == pytest.approx(sparse / dense)

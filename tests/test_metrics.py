@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import sparsegan.metrics
 from sparsegan.data import grid_of_gaussians, load_digits, ring_of_gaussians
 from sparsegan.metrics import (
     digits_feature_extractor,
@@ -109,9 +110,11 @@ def test_kid_matches_torchmetrics() -> None:
     # one subset holding every sample does not depend on the draw
     full = kernel_inception_distance(f_real, f_fake, subsets=1, subset_size=100, seed=7)
     assert full[0] == pytest.approx(ours, rel=1e-12) and full[1] == 0.0
-    # the default seed makes repeated calls identical
-    assert kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40) == \
-        kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40)
+    # the default seed (0) makes repeated calls identical, and the seed does pick the subsets
+    default = kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40)
+    assert default == kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40)
+    assert default == kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40, seed=0)
+    assert default != kernel_inception_distance(net(real), net(fake), subsets=3, subset_size=40, seed=1)
 
 
 def test_mode_coverage_hand_checked_ring() -> None:
@@ -157,15 +160,24 @@ def extractor(tmp_path_factory: pytest.TempPathFactory):
     return net
 
 
-def test_digits_extractor_is_accurate_and_cached(extractor) -> None:
+def test_digits_extractor_is_accurate_and_cached(extractor, monkeypatch: pytest.MonkeyPatch) -> None:
     assert extractor.accuracy is not None and extractor.accuracy > 0.85
     files = list(Path(extractor.cache).glob("digits-features-*16px*.pt"))
     assert len(files) == 1
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("trained again although the cache holds this extractor")
+
+    # retraining with the same seed would give the same weights: only a refusal to train shows the cache was read
+    monkeypatch.setattr(sparsegan.metrics, "_train_digits_extractor", no_training)
     again = digits_feature_extractor(16, cache=extractor.cache, epochs=3)
     assert again.accuracy == extractor.accuracy
     for (name, a), b in zip(extractor.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not any(p.requires_grad for p in again.parameters())
+    # the epochs are part of the cache key: another training length is not served from that file
+    with pytest.raises(AssertionError, match="trained again"):
+        digits_feature_extractor(16, cache=extractor.cache, epochs=4)
 
 
 def test_digits_features_separate_real_from_fake(extractor) -> None:

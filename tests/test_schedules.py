@@ -155,11 +155,24 @@ def test_drop_fraction_schedule_factory() -> None:
         0.3, 50
     )
     assert drop_fraction_schedule("linear", total_steps=7) == LinearDropFraction(0.5, 7)
-    assert DROP_FRACTION_SCHEDULES == {
-        "constant": ConstantDropFraction,
-        "cosine": CosineDropFraction,
-        "linear": LinearDropFraction,
+
+
+
+def test_every_registered_name_builds_its_schedule() -> None:
+    # by hand, initial 0.5 over 10 steps, at steps 0, 2, 10 and 11: constant stays 0.5; linear
+    # 0.5 * (1 - 2/10) = 0.4; cosine 0.5 * 0.5 * (1 + cos(pi * 2/10)) = 0.4523; both reach 0 at 10
+    by_hand = {
+        "constant": [0.5, 0.5, 0.5, 0.5],
+        "linear": [0.5, 0.4, 0.0, 0.0],
+        "cosine": [0.5, 0.25 * (1 + math.cos(math.pi / 5)), 0.0, 0.0],
     }
+    assert DROP_FRACTION_SCHEDULES  # the loop below runs
+    for name, build in DROP_FRACTION_SCHEDULES.items():
+        expected = by_hand[name]  # a name added to the registry needs its hand values here
+        from_registry = build(0.5) if name == "constant" else build(initial=0.5, total_steps=10)
+        assert isinstance(from_registry, DropFractionSchedule)
+        for schedule in (from_registry, drop_fraction_schedule(name.upper(), total_steps=10)):
+            assert [schedule(s) for s in (0, 2, 10, 11)] == pytest.approx(expected, abs=1e-12), name
 
 
 def test_drop_fraction_schedule_errors() -> None:

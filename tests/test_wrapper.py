@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 from torch.nn.utils.parametrizations import spectral_norm as parametrized_spectral_norm
 
-import sparsegan
 from sparsegan import DiscoveryError, SparseGANWrapper, WrapperStateError
 from sparsegan.strategies import Dense, Static
 from tests.conftest import LATENT, ConvDiscriminator, ConvGenerator, adam, assert_masks_hold, mlp_gan, train
@@ -30,7 +29,13 @@ def test_public_contract(conv_gan) -> None:
     sg, g_opt, d_opt = _wrap(G, D, latent=lambda n: torch.randn(n, LATENT))
     total_g = sum(p.numel() for p in (G.fc.weight, G.conv1.weight, G.up.weight, G.out.weight))
     assert sg.density("generator") == round(0.2 * total_g) / total_g
-    assert sg.density("G") == sg.density("generator")
+    # D's kernels: conv1 16*1*3*3 = 144, conv2 16*16*4*4 = 4096, fc 256 -> 4496; round(0.3 * 4496) = 1349
+    assert sg.density("discriminator") == 1349 / 4496
+    # the short names (any case) reach their own network, not the other one
+    assert sg.density("G") == sg.density("g") == round(0.2 * total_g) / total_g
+    assert sg.density("D") == sg.density("d") == 1349 / 4496
+    assert set(sg.masks("G")) == {"fc.weight", "conv1.weight", "up.weight", "out.weight"}
+    assert all(torch.equal(sg.masks("d")[k], m) for k, m in sg.masks("discriminator").items())
     masks = sg.masks("discriminator")
     assert set(masks) == {"conv1.weight_orig", "conv2.weight_orig", "fc.weight_orig"}
     assert all(m.dtype == torch.bool for m in masks.values())
@@ -310,4 +315,12 @@ def test_include_exclude_per_network() -> None:
     sg, *_ = _wrap(G, D, include={"generator": "2.*"}, exclude={"discriminator": ["4.*"]})
     assert set(sg.masks("G")) == {"2.weight"}
     assert set(sg.masks("D")) == {"0.weight", "2.weight"}
-    assert sparsegan.SparseGANWrapper is SparseGANWrapper
+    # the weights left out are not pruned at all, and count as fully active in the density.
+    # G: round(0.2 * 1024) = 205 of 2.weight, plus 0.weight's 256 and 4.weight's 64, of 1344
+    assert int(torch.count_nonzero(G[2].weight)) == 205
+    assert int(torch.count_nonzero(G[0].weight)) == 256 and int(torch.count_nonzero(G[4].weight)) == 64
+    assert sg.density("G") == (205 + 256 + 64) / 1344
+    # D: round(0.3 * (64 + 1024)) = 326 active in the two masked kernels, plus 4.weight's 32, of 1120
+    assert int(torch.count_nonzero(D[4].weight)) == 32
+    assert sum(int(m.sum()) for m in sg.masks("D").values()) == 326
+    assert sg.density("D") == (326 + 32) / 1120
