@@ -44,11 +44,6 @@ class Plan:
     def __init__(self, pooled: list[int], pooled_count: int, own: dict[int, int]) -> None:
         self.pooled, self.pooled_count, self.own = pooled, pooled_count, own
 
-    def parameters(self, weights: MaskedWeights) -> int:
-        """The plan's total in parameter entries."""
-        mult = weights.multiplicity
-        return self.pooled_count + sum(mult[i] * k for i, k in self.own.items())
-
     def __bool__(self) -> bool:
         return self.pooled_count != 0 or any(self.own.values())
 
