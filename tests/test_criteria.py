@@ -376,3 +376,171 @@ def test_large_global_selection_is_exact_and_leaves_its_inputs_alone() -> None:
     assert [int((g & ~m).sum()) for g, m in zip(per_layer, masks)] == [1000, 2000]
     drop_lowest(masks, scores, [1000, 2000], min_active=1)
     assert all(torch.equal(s, b) for s, b in zip(scores, before))
+
+
+# ---------------------------------------------------------------- added for mutation testing (docs/testing.md)
+
+
+def test_non_finite_score_error_keeps_its_layer_through_pickle() -> None:
+    import pickle
+
+    from sparsegan.criteria import NonFiniteScoreError
+
+    with pytest.raises(NonFiniteScoreError) as err:
+        drop_lowest([torch.ones(2, dtype=torch.bool)] * 2, [torch.ones(2), torch.tensor([1.0, math.nan])], 1)
+    assert err.value.layer == 1
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert type(copy) is NonFiniteScoreError and copy.layer == 1 and str(copy) == str(err.value)
+
+
+def test_first_non_finite_by_hand() -> None:
+    from sparsegan.criteria import first_non_finite
+
+    assert first_non_finite([]) is None
+    assert first_non_finite([None, torch.zeros(0), torch.tensor([1, 2]), torch.tensor([1.0, -2.0])]) is None
+    assert first_non_finite([torch.ones(2), torch.tensor([0.0, math.inf])]) == 1
+    assert first_non_finite([torch.tensor([-math.inf, 0.0]), torch.tensor([math.nan])]) == 0
+    assert first_non_finite([torch.ones(3), None, torch.tensor([[1.0], [math.nan]])]) == 2
+
+
+def test_growth_gradients_zero_fills_only_some_missing(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sparsegan.criteria import growth_gradients
+
+    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(7)]
+    names = [f"w{i}" for i in range(7)]
+    assert growth_gradients(params, names) == [None] * 7  # none reached: kept as None (gradient_score explains)
+    for i in (0, 6):
+        params[i].grad = torch.full((2,), float(i + 1))
+    with caplog.at_level(logging.INFO, logger="sparsegan.criteria"):
+        grads = growth_gradients(params, names)
+    assert grads[0] is params[0].grad and grads[6] is params[6].grad
+    assert all(g is not None and g.tolist() == [0.0, 0.0] for g in grads[1:6])
+    assert caplog.messages == ["no gradient for 5 masked weight(s) the last backward did not reach "
+                               "(w1, w2, w3, w4, w5); scored as zero gradient"]
+    params[6].grad = None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sparsegan.criteria"):
+        growth_gradients(params, names)
+    assert caplog.messages == ["no gradient for 6 masked weight(s) the last backward did not reach "
+                               "(w1, w2, w3, w4, w5, ...); scored as zero gradient"]
+    for p in params:
+        p.grad = torch.ones(2)
+    grads = growth_gradients(params, names)
+    assert all(g is p.grad for g, p in zip(grads, params))
+
+
+def test_random_score_is_float32_on_the_params_device_whatever_the_default_dtype() -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        scores = random_score(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.bool),
+                              generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(old)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, torch.rand(3, generator=torch.Generator().manual_seed(0), dtype=torch.float32))
+    on_meta = random_score(torch.empty(2, 2, device="meta"), torch.ones(2, 2, dtype=torch.bool))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 2)
+
+
+def test_gradient_score_message_names_the_cause_and_the_way_out() -> None:
+    with pytest.raises(ValueError) as err:
+        gradient_score(torch.ones(2), torch.ones(2, dtype=torch.bool), grad=None)
+    assert str(err.value) == (
+        "gradient growth needs `.grad` of every sparse weight at update time; the update "
+        "runs right after optimizer.step(), so do not set gradients to None between "
+        "backward() and step() (e.g. call optimizer.zero_grad() before backward(), not "
+        "between backward() and step()), or use grow='random'/'momentum'"
+    )
+
+
+def test_get_score_rejects_a_non_string_name_with_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown prune score 3"):
+        get_score(3, "prune")  # type: ignore[arg-type]
+
+
+def test_min_active_ranks_large_integer_scores_exactly() -> None:
+    # 2**24 and 2**24 + 1 are equal in float32: the protected (highest) position must be found exactly
+    scores = torch.tensor([2**24, 2**24 + 1], dtype=torch.int64)
+    (out,) = drop_lowest([torch.ones(2, dtype=torch.bool)], [scores], 1, min_active=1)
+    assert out.tolist() == [False, True]
+
+
+def test_topk_indices_small_cases_by_hand() -> None:
+    from sparsegan.criteria import _topk_indices
+
+    values = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    none = _topk_indices(values, 0, largest=True)
+    assert none.dtype == torch.long and none.shape == (0,)
+    assert _topk_indices(values, 5, largest=False).tolist() == [0, 1, 2, 3, 4]
+    assert sorted(_topk_indices(values, 4, largest=True).tolist()) == [0, 2, 3, 4]  # via the complement
+    assert sorted(_topk_indices(values, 3, largest=False).tolist()) == [1, 3, 4]
+    assert sorted(_topk_indices(values, 2, largest=True).tolist()) == [0, 2]
+    meta = torch.empty(4, device="meta")  # the trivial answers are made on the scores' device
+    assert _topk_indices(meta, 0, largest=True).device.type == "meta"
+    assert _topk_indices(meta, 4, largest=True).device.type == "meta"
+
+
+def test_topk_indices_prefilter_is_exact_and_taken(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sparsegan.criteria import _PREFILTER_MIN, _topk_indices
+
+    n, k = _PREFILTER_MIN, 1000
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float()  # distinct scores
+    with caplog.at_level(logging.DEBUG, logger="sparsegan.criteria"):
+        top = _topk_indices(values, k, largest=True)
+        low = _topk_indices(values, k, largest=False)
+    assert sorted(values[top].tolist()) == [float(v) for v in range(n - k, n)]
+    assert sorted(values[low].tolist()) == [float(v) for v in range(k)]
+    assert caplog.messages == []  # the pre-filter kept enough candidates: no fall-back to the full topk
+    with caplog.at_level(logging.DEBUG, logger="sparsegan.criteria"):
+        tied = _topk_indices(torch.zeros(n), 3, largest=True)  # all tied: the pre-filter keeps everything
+    assert tied.numel() == 3 and len(set(tied.tolist())) == 3
+    assert caplog.messages == [f"top-k pre-filter kept {n} of {n} entries; using full topk"]
+
+
+def test_momentum_score_message_names_the_way_out() -> None:
+    with pytest.raises(ValueError) as err:
+        momentum_score(torch.ones(2), torch.ones(2, dtype=torch.bool), optimizer_state={"step": 1})
+    assert str(err.value) == (
+        "momentum growth needs a first-moment buffer in the optimizer state (looked for keys "
+        "['exp_avg', 'momentum_buffer'], found ['step']); use Adam/AdamW or SGD with momentum>0 "
+        "and take at least one optimizer step first, or use grow='gradient'"
+    )
+
+
+def test_count_and_layer_errors_name_the_problem() -> None:
+    m, s = torch.tensor([True, False]), torch.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match="^count must be an int or a sequence of ints, got bool$"):
+        drop_lowest([m], [s], True)
+    with pytest.raises(ValueError, match=r"^counts must be non-negative, got \[-1\]$"):
+        drop_lowest([m], [s], [-1])
+    with pytest.raises(TypeError, match="^count must be an int \\(global\\) or a sequence of ints \\(per layer\\), got float$"):
+        drop_lowest([m], [s], 1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^cannot select 1 active positions to drop: there are no layers$"):
+        drop_lowest([], [], 1)
+    with pytest.raises(ValueError, match="^cannot select 2 inactive positions to grow: only 1 available in total$"):
+        grow_highest([m], [s], 2)
+    with pytest.raises(TypeError, match="^exclude 0 must have dtype torch.bool, got torch.float32$"):
+        grow_highest([m], [s], 1, exclude=[s])
+    with pytest.raises(ValueError, match=r"^exclude 0 has shape \(3,\) but mask has shape \(2,\)$"):
+        grow_highest([m], [s], 1, exclude=[torch.zeros(3, dtype=torch.bool)])
+
+
+def test_returned_masks_own_their_memory() -> None:
+    masks = [torch.tensor([True, False, False]), torch.tensor([[False, True], [False, False]])]
+    scores = [torch.tensor([0.0, 1.0, 2.0]), torch.tensor([[5.0, 0.0], [3.0, 4.0]])]
+    for out in (grow_highest(masks, scores, 2), drop_lowest(masks, scores, 1)):
+        for new, old in zip(out, masks):
+            assert new.shape == old.shape
+            assert new.untyped_storage().nbytes() == new.numel()  # not a view of one shared buffer
+    assert [m.tolist() for m in grow_highest(masks, scores, 2)] == [[True, False, False], [[True, True], [False, True]]]
+
+
+def test_min_active_keeps_the_first_of_tied_highest_scores() -> None:
+    scores = torch.tensor([0.0, 3.0, 3.0, 1.0, 3.0])
+    (out,) = drop_lowest([torch.ones(5, dtype=torch.bool)], [scores], 4, min_active=1)
+    assert out.tolist() == [False, True, False, False, False]  # deterministic: the lowest index among the ties

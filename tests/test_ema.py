@@ -144,3 +144,135 @@ def test_validation() -> None:
     ema = SparseEMA(model)
     with pytest.raises(ValueError, match="do not match"):
         ema.update(nn.Linear(2, 2))  # has a bias the EMA copy lacks
+
+
+# ---------------------------------------------------------------- added for mutation testing (docs/testing.md)
+
+
+class _Three(nn.Module):
+    """Three linear layers (six parameters), for messages that list at most five names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 1)
+
+
+class _TwoParams(nn.Module):
+    def __init__(self, first: str) -> None:
+        super().__init__()
+        for name in (first, "y" if first == "x" else "x"):
+            self.register_parameter(name, nn.Parameter(torch.ones(2)))
+
+
+def test_no_masks_density_one_and_mask_log(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    ema = SparseEMA(_linear([[1.0, 2.0], [3.0, 4.0]]), decay=0.5)
+    assert ema.density() == 1.0 and ema.masks() == {}
+    with caplog.at_level(logging.DEBUG, logger="sparsegan.ema"):
+        ema.set_masks({"weight": torch.tensor([[True, False], [True, True]])})
+    assert caplog.messages == ["SparseEMA: 1 masks set, density 0.7500"]
+
+
+def test_masks_are_copies_of_the_callers_tensors() -> None:
+    mask = torch.tensor([[True, False], [False, True]])
+    ema = SparseEMA(_linear([[1.0, 2.0], [3.0, 4.0]]), decay=0.5, masks={"weight": mask})
+    mask[0, 1] = True  # the caller changes its own tensor afterwards
+    assert ema.masks()["weight"].tolist() == [[True, False], [False, True]]
+    assert ema.module.weight.tolist() == [[1.0, 0.0], [0.0, 4.0]]
+
+
+def test_mask_and_state_errors_name_the_problem() -> None:
+    ema = SparseEMA(_linear([[1.0, 2.0], [3.0, 4.0]]), decay=0.5)
+    with pytest.raises(ValueError, match="^masks must be a mapping of parameter name to mask, got list$"):
+        ema.set_masks([torch.ones(2, 2, dtype=torch.bool)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^mask for 'weight' has shape list but the parameter has shape \(2, 2\)$"):
+        ema.set_masks({"weight": [[True, False]]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"^mask for 'weight' has shape \(2,\) but the parameter has shape \(2, 2\)$"):
+        ema.set_masks({"weight": torch.ones(2, dtype=torch.bool)})
+    state = ema.state_dict()
+    with pytest.raises(ValueError, match="^not a SparseEMA state: expected a mapping, got list$"):
+        ema.check_state_dict([state])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^not a SparseEMA state: updates is 'many'$"):
+        ema.check_state_dict({**state, "updates": "many"})
+    with pytest.raises(ValueError, match="^the EMA state's module entry is a list, not a state dict$"):
+        ema.check_state_dict({**state, "module": []})
+    ema.check_state_dict(state)  # a good state passes, and nothing changes
+    assert ema.updates == 0
+
+
+def test_unknown_mask_names_list_three_examples() -> None:
+    ema = SparseEMA(_Three(), decay=0.5)
+    with pytest.raises(ValueError) as err:
+        ema.set_masks({"d.weight": torch.ones(1, 1, dtype=torch.bool)})
+    assert str(err.value) == ("masks for unknown parameters ['d.weight']; use names from module.named_parameters() "
+                              "(e.g. ['a.weight', 'a.bias', 'b.weight'])")
+
+
+def test_state_mismatch_messages_list_five_of_each() -> None:
+    ema = SparseEMA(_Three(), decay=0.5)
+    state = ema.state_dict()
+    own = state["module"]
+    names = list(own)
+    with pytest.raises(ValueError) as err:
+        ema.check_state_dict({**state, "module": {}})  # only missing keys
+    assert str(err.value) == ("the EMA state does not fit this module (another architecture?): missing keys "
+                              f"{names[:5]}, unexpected keys [], shape mismatches []")
+    extra = {f"z{i}": torch.zeros(1) for i in range(6)}
+    with pytest.raises(ValueError) as err:
+        ema.check_state_dict({**state, "module": {**own, **extra}})
+    assert str(err.value).endswith(f"unexpected keys {list(extra)[:5]}, shape mismatches []")
+    wrong = {k: torch.zeros(2, 2) for k in own}
+    with pytest.raises(ValueError) as err:
+        ema.check_state_dict({**state, "module": wrong})
+    shapes = [f"{k}: (2, 2) vs {tuple(v.shape)}" for k, v in own.items()][:5]
+    assert str(err.value).endswith(f"missing keys [], unexpected keys [], shape mismatches {shapes}")
+    with pytest.raises(ValueError, match=r"shape mismatches \['a.weight: list vs \(1, 1\)'\]"):
+        ema.check_state_dict({**state, "module": {**own, "a.weight": [0.0]}})
+
+
+def test_load_state_without_masks_keeps_the_masks() -> None:
+    ema = SparseEMA(_linear([[1.0, 2.0], [3.0, 4.0]]), decay=0.5, masks={"weight": torch.tensor([[True, False], [True, True]])})
+    state = ema.state_dict()
+    del state["masks"]
+    ema.load_state_dict(state)
+    assert ema.masks()["weight"].tolist() == [[True, False], [True, True]]
+
+
+def test_tied_parameters_accept_masks_by_alias() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(2, 2, bias=False)
+            self.dec = nn.Linear(2, 2, bias=False)
+            self.dec.weight = self.enc.weight
+
+    ema = SparseEMA(Tied(), decay=0.5)
+    ema.set_masks({"dec.weight": torch.tensor([[True, False], [False, True]])})
+    assert list(ema.masks()) == ["enc.weight"]  # stored under the canonical name
+    assert ema.module.enc.weight[0, 1] == 0
+
+
+def test_update_mismatch_messages() -> None:
+    ema = SparseEMA(_Three(), decay=0.5)
+    other = nn.Sequential(_Three())
+    with pytest.raises(ValueError) as err:
+        ema.update(other)
+    got = [n for n, _ in other.named_parameters()]
+    assert str(err.value) == (f"the module's parameters do not match the EMA copy's: missing "
+                              f"{ema._names[:5]}, unexpected {got[:5]}; pass the module this SparseEMA was built from")
+    ema = SparseEMA(_TwoParams("x"), decay=0.5)
+    with pytest.raises(ValueError) as err:
+        ema.update(_TwoParams("y"))
+    assert str(err.value) == ("the module's parameters do not match the EMA copy's: missing [], unexpected [] "
+                              "(same names, different order); pass the module this SparseEMA was built from")
+
+
+def test_update_mismatch_with_only_missing_names_has_no_order_hint() -> None:
+    ema = SparseEMA(_Three(), decay=0.5)
+    fewer = _Three()
+    del fewer.c
+    with pytest.raises(ValueError) as err:
+        ema.update(fewer)
+    assert str(err.value) == ("the module's parameters do not match the EMA copy's: missing ['c.weight', 'c.bias'], "
+                              "unexpected []; pass the module this SparseEMA was built from")

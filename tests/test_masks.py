@@ -133,3 +133,109 @@ def test_wrapping_zeroes_existing_optimizer_state_at_inactive_positions() -> Non
             assert torch.count_nonzero(state["exp_avg"][~mask]) == 0
             assert torch.count_nonzero(state["exp_avg_sq"][~mask]) == 0
             assert torch.count_nonzero(state["exp_avg"][mask]) > 0  # kept where the weights stay active
+
+
+# ---------------------------------------------------------------- added for mutation testing (docs/testing.md)
+
+
+def test_density_of_no_weights_is_one() -> None:
+    weights = MaskedWeights([], [])
+    assert weights.total == 0
+    assert weights.density() == 1.0
+    assert weights.layer_densities() == {}
+
+
+def test_repr_names_weights_banks_density_and_policy() -> None:
+    weights, _, _ = _weights("keep")
+    assert repr(weights) == "MaskedWeights(2 weights, density=0.5714, optimizer_state='keep')"
+    bank = nn.Parameter(torch.zeros(3, 2, 2))
+    banked = MaskedWeights(["w"], [bank], shared_dims=[(0,)])
+    assert repr(banked) == "MaskedWeights(1 weights, 1 kernel banks, density=1.0000, optimizer_state='reset')"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none present)")
+def test_masks_follow_the_parameters_device() -> None:
+    weights, a, b = _weights()
+    a.data = a.data.cuda()  # the module was moved after wrapping
+    weights.apply_()
+    assert weights.masks[0].device == a.device and weights.masks[1].device == b.device
+    assert a.detach().cpu().tolist() == [[1.0, 0.0], [0.0, -4.0]]
+    state = {n: m.cpu() for n, m in weights.state_dict().items()}
+    weights.load_state_dict(state)  # CPU masks are installed on the parameters' devices
+    assert weights.masks[0].device == a.device
+
+
+def test_kernel_masks_of_a_bank_of_one() -> None:
+    w = nn.Parameter(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]))  # a bank of N = 1 kernel of shape (2, 2)
+    mask = torch.tensor([[[True, False], [False, True]]])
+    weights = MaskedWeights(["w"], [w], [mask], shared_dims=[(0,)])
+    assert weights.multiplicity == [1]
+    (kernel,) = weights.kernel_masks()
+    assert kernel.tolist() == [[True, False], [False, True]]
+    assert torch.equal(weights.expand([kernel])[0], mask)
+
+
+def test_check_state_dict_errors_name_the_problem() -> None:
+    weights, _, _ = _weights()
+    state = weights.state_dict()
+    with pytest.raises(MaskStateError, match="by parameter name, got list"):
+        weights.check_state_dict([state["a"], state["b"]])  # type: ignore[arg-type]
+    with pytest.raises(MaskStateError, match=r"missing \[\], unexpected \['c'\]; was the checkpoint made for a "
+                                             r"different model or with different include/exclude\?"):
+        weights.check_state_dict({**state, "c": state["b"]})
+    with pytest.raises(MaskStateError, match=r"masks for \['b'\] are not tensors"):
+        weights.check_state_dict({"a": state["a"], "b": [False, True, True]})  # type: ignore[dict-item]
+
+
+def test_reset_optimizer_state_skips_parameters_the_optimizer_does_not_hold() -> None:
+    weights, a, b = _weights()
+    opt = _adam_with_state([b])  # no state for a (listed first), state for b
+    weights.reset_optimizer_state(opt)
+    assert a not in opt.state
+    assert (opt.state[b]["exp_avg"] != 0).tolist() == [False, True, True]
+
+
+def test_wrong_number_of_masks_is_named() -> None:
+    weights, _, _ = _weights()
+    with pytest.raises(MaskStateError, match="got 1 masks for 2 weights"):
+        weights.set_masks([torch.ones(2, 2, dtype=torch.bool)])
+
+
+def test_bank_axis_need_not_lead() -> None:
+    w = nn.Parameter(torch.ones(2, 3))  # a bank of 3 along axis 1, kernels of shape (2,)
+    shared = torch.tensor([[True, True, True], [False, False, False]])
+    weights = MaskedWeights(["w"], [w], [shared], shared_dims=[(1,)])
+    assert weights.multiplicity == [3]
+    assert weights.kernel_masks()[0].tolist() == [True, False]
+    assert w.detach().tolist() == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # nothing enforced before apply_
+    unshared = torch.tensor([[True, False, True], [False, False, False]])
+    with pytest.raises(MaskStateError, match=r"differs along its bank axes \[1\]; a bank has one kernel mask "
+                                             r"shared across the bank \(build it with MaskedWeights.expand\)"):
+        weights.set_masks([unshared])
+
+
+def test_construction_errors_are_named() -> None:
+    p, q = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(MaskStateError, match="2 names for 1 parameters"):
+        MaskedWeights(["a", "b"], [p])
+    with pytest.raises(MaskStateError, match=r"shared_dims \[\(\)\] do not fit the 2 parameters' shapes"):
+        MaskedWeights(["p", "q"], [p, q], shared_dims=[()])  # one entry for two weights
+    with pytest.raises(MaskStateError, match=r"shared_dims \[\(0,\)\] do not fit the 1 parameters' shapes"):
+        MaskedWeights(["p"], [p], shared_dims=[(0,)])  # every axis shared: no kernel left
+
+
+def test_default_masks_are_all_true_bool() -> None:
+    p = nn.Parameter(torch.ones(2, 3))
+    weights = MaskedWeights(["p"], [p])
+    assert weights.masks[0].dtype == torch.bool and bool(weights.masks[0].all())
+    assert weights.density() == 1.0
+
+
+def test_a_new_object_is_stale_whatever_the_parameter_version() -> None:
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    with torch.no_grad():
+        p.add_(1.0)  # p._version is now 1
+    weights = MaskedWeights(["p"], [p], [torch.tensor([True, False])])
+    assert weights.stale()
+    assert weights.apply_if_stale_()
+    assert p.detach().tolist() == [2.0, 0.0]
