@@ -103,14 +103,23 @@ def test_momentum_score_errors() -> None:
 
 
 def test_registries_and_get_score() -> None:
-    assert PRUNE_SCORES == {"magnitude": magnitude_score, "random": random_score}
-    assert GROW_SCORES == {
-        "gradient": gradient_score,
-        "random": random_score,
-        "momentum": momentum_score,
-    }
-    assert get_score("Magnitude", "prune") is magnitude_score
-    assert get_score("momentum", "grow") is momentum_score
+    # each name scores a hand-made weight by what it says, looked up in any case
+    w = torch.tensor([-3.0, 1.0, -0.5])
+    mask = torch.tensor([True, True, False])
+    grad = torch.tensor([0.2, -4.0, 1.5])
+    state = {"exp_avg": torch.tensor([-7.0, 0.0, 2.0])}
+    expected = {("magnitude", "prune"): [3.0, 1.0, 0.5], ("gradient", "grow"): [0.2, 4.0, 1.5],
+                ("momentum", "grow"): [7.0, 0.0, 2.0]}
+    for (name, kind), values in expected.items():
+        score = get_score(name.upper(), kind)
+        got = score(w, mask, grad=grad, optimizer_state=state, generator=torch.Generator().manual_seed(0))
+        assert got.tolist() == pytest.approx(values), name
+    for kind in ("prune", "grow"):
+        drawn = get_score("Random", kind)(w, mask, generator=torch.Generator().manual_seed(0))
+        again = get_score("random", kind)(w, mask, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(drawn, again) and len(set(drawn.tolist())) == 3 and bool(((drawn >= 0) & (drawn < 1)).all())
+    assert sorted(PRUNE_SCORES) == ["magnitude", "random"]
+    assert sorted(GROW_SCORES) == ["gradient", "momentum", "random"]
     with pytest.raises(
         ValueError, match=r"unknown prune score 'gradient'.*\['magnitude', 'random'\]"
     ):
