@@ -787,7 +787,9 @@ class SparseGANWrapper:
             found = net.discovery
             w = net.weights
             active = w.active_counts() if net.algorithm is not None else [m.numel() for m in w.masks]
-            total = w.total
+            # kernels include=/exclude= keep dense count as active, as in net.density()
+            kept = sum(record.numel for record in found.unmasked) if net.algorithm is not None else 0
+            total = w.total + kept
             skipped = (f"; {net.skipped_updates} due mask updates skipped (non-finite weights or scores)"
                        if net.skipped_updates else "")
             dense = net.dense_weights()
@@ -795,7 +797,7 @@ class SparseGANWrapper:
                            if dense and net.algorithm is not None else "")
             blocks.append(
                 f"\n{net.name} ({type(net.module).__name__}): {len(w)} kernel weights found by "
-                f"{found.method}; {density} {net.density():.4f} ({sum(active)}/{total} active){all_weights}; "
+                f"{found.method}; {density} {net.density():.4f} ({sum(active) + kept}/{total} active){all_weights}; "
                 f"{net.algorithm!r}{skipped}"
             )
             rows = [("name", "shape", "op", "found by", "via", "density", "active")]
