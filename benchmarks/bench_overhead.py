@@ -195,7 +195,7 @@ def run(*, rounds: int = 4, block: int = 10, quick: bool = False, ngf: int = 256
     amortized = {"Static": 0.0,
                  "SDST": costs["g_prune_and_grow_s"] / 500,
                  "DDST (relax)": costs["g_prune_and_grow_s"] / 500 + costs["d_density_step_s"] / 1000}
-    targets = {"Static": 1.03, "SDST": None, "DDST (relax)": 1.10}
+    targets = {"Static": 1.03, "SDST": None, "DDST (relax)": 1.05}  # DDST: the ADAPT-fidelity issue's goal
     for r in runs:
         ratios = [t[r.name] / t[base] for t in per_round]
         entry = {"iteration_s_median": statistics.median(t[r.name] for t in per_round),
