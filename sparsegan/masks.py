@@ -32,12 +32,24 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["MaskedWeights", "OptimizerStatePolicy", "MaskStateError"]
+__all__ = ["MaskedWeights", "OptimizerStatePolicy", "MaskStateError", "shared_mask"]
 
 logger = logging.getLogger(__name__)
 
 OptimizerStatePolicy = Literal["reset", "keep"]
 """What happens to optimizer state at pruned and regrown positions."""
+
+
+def shared_mask(kernel_mask: torch.Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """A kernel-shape mask repeated along a bank's ``dims`` to the parameter's ``shape``.
+
+    Returns ``kernel_mask`` itself when ``dims`` is empty (an ordinary weight).
+    """
+    if not dims:
+        return kernel_mask
+    for d in sorted(dims):
+        kernel_mask = kernel_mask.unsqueeze(d)
+    return kernel_mask.expand(shape).clone()
 
 
 class MaskStateError(ValueError):
@@ -148,11 +160,6 @@ class MaskedWeights:
         """Per weight, how many parameter entries one kernel position stands for (N for a bank of N)."""
         return [math.prod(p.shape[d] for d in dims) for p, dims in zip(self.params, self.shared_dims)]
 
-    @property
-    def has_banks(self) -> bool:
-        """Whether any weight is a kernel bank with a shared mask."""
-        return any(self.shared_dims)
-
     def kernel_masks(self) -> list[torch.Tensor]:
         """The masks in kernel shape: a bank's shared axes removed (ordinary masks as they are)."""
         out = []
@@ -172,12 +179,8 @@ class MaskedWeights:
 
     def expand(self, kernel_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Masks in kernel shape (see :meth:`kernel_masks`) back in each parameter's shape."""
-        out = []
-        for mask, param, dims in zip(kernel_masks, self.params, self.shared_dims):
-            for d in dims:
-                mask = mask.unsqueeze(d)
-            out.append(mask.expand(param.shape).clone() if dims else mask)
-        return out
+        return [shared_mask(mask, tuple(param.shape), dims)
+                for mask, param, dims in zip(kernel_masks, self.params, self.shared_dims)]
 
     # ------------------------------------------------------------------ changes
 

@@ -22,7 +22,7 @@ import torch
 
 from sparsegan.balance import BalanceRatio
 from sparsegan.distributions import allocate, check_density, random_mask
-from sparsegan.masks import MaskedWeights
+from sparsegan.masks import MaskedWeights, shared_mask
 from sparsegan.schedules import UpdateSchedule
 
 __all__ = [
@@ -89,16 +89,9 @@ class SparsityAlgorithm(abc.ABC):
             take = max(min(abs(residual), room), 0)
             counts[name] += take if residual > 0 else -take
             residual -= take if residual > 0 else -take
-        masks = []
-        for name, shape in shapes.items():
-            if name not in banks:
-                masks.append(random_mask(shape, counts[name], generator=generator))
-                continue
-            kernel = random_mask(kernel_shapes[name], counts[name], generator=generator)
-            for d in banks[name]:
-                kernel = kernel.unsqueeze(d)
-            masks.append(kernel.expand(tuple(shape)).clone())
-        return masks
+        return [shared_mask(random_mask(kernel_shapes[name], counts[name], generator=generator), tuple(shape),
+                            banks[name]) if name in banks else random_mask(shape, counts[name], generator=generator)
+                for name, shape in shapes.items()]
 
     needs_balance_ratio: ClassVar[bool] = False
     """Whether :meth:`update` reads the balance ratio (the wrapper then checks it has a source)."""

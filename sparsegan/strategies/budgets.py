@@ -20,6 +20,7 @@ Without banks every function here reduces to the plain global or per-layer call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ __all__ = ["Plan", "replacement_plan", "resize_plan", "apply_plan"]
 Selector = Callable[..., list[torch.Tensor]]
 
 
+@dataclass(frozen=True)
 class Plan:
     """Counts of kernel positions per group: one global count over ``pooled`` layers, one per other layer.
 
@@ -41,14 +43,12 @@ class Plan:
             a per-layer scope).
     """
 
-    def __init__(self, pooled: list[int], pooled_count: int, own: dict[int, int]) -> None:
-        self.pooled, self.pooled_count, self.own = pooled, pooled_count, own
+    pooled: list[int]
+    pooled_count: int
+    own: dict[int, int]
 
     def __bool__(self) -> bool:
         return self.pooled_count != 0 or any(self.own.values())
-
-    def __repr__(self) -> str:
-        return f"Plan(pooled={self.pooled}, pooled_count={self.pooled_count}, own={self.own})"
 
 
 def _active(masks: Sequence[torch.Tensor]) -> list[int]:
